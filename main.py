@@ -1,0 +1,57 @@
+"""Trains a w2x-jax model: `python main.py --config=configs/dcscn.py --workdir=runs/dcscn`.
+
+As in the flax examples, this file only parses flags; the work is in w2x_jax/train.py.
+"""
+
+import logging as pylogging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from w2x_jax import checkpoint
+from w2x_jax import data
+from w2x_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and the config; reused to resume.')
+config_flags.DEFINE_config_file(
+    'config', None, 'A config file, e.g. configs/dcscn.py or configs/dcscn.py:noise=2,scale=1.',
+    lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the training log; its warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
+def parse_flags(argv):
+  """absl's parsing, with a config override error (unknown field, bad value) as one clear line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'main.py: error: {e}\nPass --helpfull to see the flags.')
+  except (KeyError, ValueError, TypeError, AttributeError) as e:
+    sys.exit(f'main.py: error: bad config override: {e}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.info('JAX process %d of %d, local devices: %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
+    sys.exit(f'main.py: error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

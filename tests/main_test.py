@@ -1,0 +1,69 @@
+"""main.py's flags: config files with `:args`, `--config.x.y=` overrides and clear errors."""
+
+import pathlib
+import subprocess
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parse(*args):
+  values = flags.FlagValues()
+  argv = ['main.py', *args]
+  # Override flags (--config.a.b=) are defined from the argument list, as main.py gets sys.argv.
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_config_args_and_overrides():
+  config = parse('--config=configs/dcscn.py:noise=2,scale=1', '--config.train.batch_size=8',
+                 '--config.data.filter_weights.box=0')
+  assert (config.data.noise_level, config.model.scale, config.train.batch_size) == (2, 1, 8)
+  assert config.data.filter_weights.box == 0
+  assert config.model.layers == 12 and config.model.first_filters == 196
+
+
+@pytest.mark.parametrize('name', ['dcscn', 'dcscn_compact', 'dcscn_paper', 'espcn_su', 'test'])
+def test_every_config_loads(name):
+  config = parse(f'--config=configs/{name}.py')
+  assert config.model.scale == 2 and config.data.noise_level == -1
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_unknown_field_is_one_clear_line(tmp_path):
+  result = run_main('--config=configs/test.py', '--config.train.no_such_field=1',
+                    f'--workdir={tmp_path}')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      "main.py: error: bad config override: \"'no_such_field'\""], result.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/test.py', '--config.train.batch_size=many'], 'batch_size'),
+    (['--config=configs/test.py:noise=9'], 'noise=9'),
+    (['--config=configs/test.py:colour=2'], 'colour'),
+])
+def test_bad_flags_are_clear_errors(args, message):
+  with pytest.raises(flags.Error, match=message):
+    parse(*args)
+
+
+def test_main_reports_errors_in_one_line(tmp_path):
+  missing = tmp_path / 'no_such_folder'
+  result = run_main('--config=configs/test.py', f'--workdir={tmp_path / "w"}',
+                    f'--config.data.train_dir={missing}')
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('main.py: error:') and str(missing) in last, result.stderr
+  result = run_main('--config=configs/test.py', f'--workdir={tmp_path / "w"}', '--config.train.loss=l3')
+  assert result.returncode == 1 and 'config.train.loss' in result.stderr.strip().splitlines()[-1]

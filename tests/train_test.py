@@ -1,0 +1,199 @@
+"""Training: the step learns, devices do not change the result, runs resume exactly, restores work."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import test as test_config
+from w2x_jax import checkpoint
+from w2x_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_image_folder(folder, count=4, size=40, seed=0):
+  """Small smooth-plus-texture RGB images (real files, so the whole loading path runs)."""
+  rng = np.random.default_rng(seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  for i in range(count):
+    base = np.stack([np.sin(6 * xx + i), np.cos(5 * yy - i), np.sin(4 * (xx + yy))], -1)
+    image = (base * 0.4 + 0.5 + rng.normal(0, 0.05, base.shape)).clip(0, 1)
+    Image.fromarray((image * 255).astype(np.uint8)).save(folder / f'img{i}.png')
+  return folder
+
+
+def tiny_config(train_dir, **train_overrides):
+  config = test_config.get_config()
+  config.data.train_dir = str(train_dir)
+  config.train.update(train_overrides)
+  return config
+
+
+def test_overfits_one_batch():
+  config = test_config.get_config()
+  config.train.schedule = 'constant'
+  config.train.learning_rate = 3e-3
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  step = jax.jit(train.make_train_step(config))
+  rng = np.random.default_rng(0)
+  hr = jnp.asarray(rng.uniform(0, 1, (4, 24, 24, 3)), jnp.float32)
+  lr = jax.image.resize(hr, (4, 12, 12, 3), 'linear')
+  batch = {'lr': lr, 'hr': hr, 'weight': jnp.ones(4)}
+  losses = []
+  for _ in range(50):
+    state, m = step(state, batch)
+    losses.append(float(m['loss']))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert int(state.step) == 50
+
+
+def test_padding_samples_change_nothing():
+  config = test_config.get_config()
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  step = jax.jit(train.make_train_step(config))
+  rng = np.random.default_rng(1)
+  batch = {'lr': rng.uniform(0, 1, (3, 12, 12, 3)).astype(np.float32),
+           'hr': rng.uniform(0, 1, (3, 24, 24, 3)).astype(np.float32)}
+  padded = train.pad_local_batch(batch, 4)
+  assert padded['lr'].shape[0] == 4 and padded['weight'].tolist() == [1, 1, 1, 0]
+  _, m_padded = step(state, padded)
+  _, m_plain = step(state, dict(batch, weight=np.ones(3, np.float32)))
+  np.testing.assert_allclose(float(m_padded['loss']), float(m_plain['loss']), rtol=1e-6)
+
+
+def test_one_device_equals_four(tmp_path):
+  folder = make_image_folder(tmp_path / 'images')
+  params = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    assert len(devices) in (1, 4)
+    # 6 is not a multiple of 4: the padded, weighted batch must still give the same update.
+    config = tiny_config(folder, batch_size=6, num_steps=3, eval_every=3, checkpoint_every=3)
+    state = train.train_and_evaluate(config, str(tmp_path / f'run{len(devices)}'), devices=devices)
+    assert int(state.step) == 3
+    params.append(jax.device_get(state.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
+
+
+def test_metrics_plot_restore_and_export(tmp_path):
+  folder = make_image_folder(tmp_path / 'images')
+  workdir = tmp_path / 'run'
+  config = tiny_config(folder, num_steps=4)
+  state = train.train_and_evaluate(config, str(workdir))
+  rows = [json.loads(line) for line in open(workdir / train.METRICS_FILE)]
+  assert [r['step'] for r in rows if 'loss' in r] == [2, 4]
+  val = [r for r in rows if 'val_psnr' in r]
+  assert [r['step'] for r in val] == [2, 4]
+  assert all(np.isfinite(r['val_psnr']) and r['val_bicubic_psnr'] > 10 for r in val)
+  assert (workdir / train.PLOT_FILE).stat().st_size > 1000
+  assert sorted(os.listdir(workdir / checkpoint.CHECKPOINT_DIR)) == ['2', '4']
+
+  # Two lines in a script: params only, no optimizer state.
+  model, params, saved = checkpoint.restore_model(workdir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(state.params))
+  assert saved.model.to_dict() == json.loads(config.model.to_json())
+  x = jnp.zeros((1, 5, 7, 3))
+  assert model.apply({'params': params}, x).shape == (1, 10, 14, 3)
+  _, params2, _ = checkpoint.restore_model(workdir / checkpoint.CHECKPOINT_DIR / '2')
+  assert not np.allclose(jax.tree.leaves(params2)[0], jax.tree.leaves(params)[0])
+
+  exported = checkpoint.export_model(tmp_path / 'exported', params, config)
+  assert sorted(os.listdir(exported)) == [checkpoint.CONFIG_FILE, checkpoint.PARAMS_FILE]
+  _, params3, config3 = checkpoint.restore_model(exported)
+  jax.tree.map(np.testing.assert_array_equal, params3, jax.device_get(params))
+  assert config3.model.scale == 2
+
+  # Running the same config again resumes at its end: nothing more to do, params unchanged.
+  again = train.train_and_evaluate(config, str(workdir))
+  assert int(again.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.params),
+               jax.device_get(state.params))
+
+
+def test_incompatible_model_is_refused(tmp_path):
+  folder = make_image_folder(tmp_path / 'images')
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(folder, num_steps=2), workdir)
+  config = tiny_config(folder, num_steps=4)
+  config.model.layers = 4
+  with pytest.raises(checkpoint.CheckpointError, match=r'another model.*layers=3 saved vs 4'):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_bad_config_values_name_the_field(tmp_path):
+  for field, value, message in [('train.loss', 'l3', 'config.train.loss'),
+                                ('train.batch_size', 0, 'config.train.batch_size'),
+                                ('data.noise_level', 7, 'config.data.noise_level')]:
+    config = tiny_config(tmp_path)
+    section, name = field.split('.')
+    config[section][name] = value
+    with pytest.raises(train.ConfigError, match=message):
+      train.check_config(config)
+
+
+def _main_cmd(workdir, train_dir, *extra):
+  return [sys.executable, str(ROOT / 'main.py'), '--config=configs/test.py', f'--workdir={workdir}',
+          f'--config.data.train_dir={train_dir}', '--config.train.num_steps=8',
+          '--config.train.checkpoint_every=2', '--config.train.eval_every=4', *extra]
+
+
+def _env():
+  # The same compiler settings in every run, so results compare exactly.
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_PLATFORMS='cpu')
+
+
+def _params(workdir):
+  return jax.device_get(checkpoint.restore_model(workdir)[1])
+
+
+def _run_until_checkpoint(cmd, workdir, step, sig):
+  """Starts a training process and sends `sig` once the checkpoint of `step` exists."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  target = pathlib.Path(workdir) / checkpoint.CHECKPOINT_DIR / str(step)
+  deadline = time.time() + 240
+  while not target.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=120)
+  return proc.returncode, out
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+  folder = make_image_folder(tmp_path / 'images')
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  subprocess.run(_main_cmd(straight, folder), cwd=ROOT, env=_env(), check=True, capture_output=True)
+  code, out = _run_until_checkpoint(_main_cmd(killed, folder), killed, 2, signal.SIGKILL)
+  assert code == -signal.SIGKILL, out
+  steps = sorted(int(s) for s in os.listdir(killed / checkpoint.CHECKPOINT_DIR) if s.isdigit())
+  assert steps and steps[-1] < 8, steps
+  resumed = subprocess.run(_main_cmd(killed, folder), cwd=ROOT, env=_env(), capture_output=True,
+                           text=True)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'Resuming from step {steps[-1]}' in resumed.stderr
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               _params(straight), _params(killed))
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+  folder = make_image_folder(tmp_path / 'images')
+  workdir = tmp_path / 'run'
+  cmd = _main_cmd(workdir, folder, '--config.train.num_steps=100000')
+  code, out = _run_until_checkpoint(cmd, workdir, 2, signal.SIGTERM)
+  assert code == 0, out
+  assert 'Stopped by SIGTERM' in out and 'checkpoint saved' in out
+  steps = sorted(int(s) for s in os.listdir(workdir / checkpoint.CHECKPOINT_DIR) if s.isdigit())
+  assert steps[-1] >= 2
+  # What was saved is the state at the step the log names: one more checkpoint beyond the periodic.
+  assert f'at step {steps[-1]}' in out

@@ -1,0 +1,171 @@
+"""Orbax checkpoints of training runs, and small exported models (params + config) for shipping.
+
+A training workdir holds `config.json` (the run's config) and `checkpoints/<step>/` with two Orbax
+items: `params` and `train` (optimizer state, step, RNG key). Restoring for inference reads `params`
+only. An exported model folder holds `config.json` and `params.msgpack`: no optimizer state.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import flax.serialization
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from w2x_jax import models
+
+CONFIG_FILE = 'config.json'
+PARAMS_FILE = 'params.msgpack'
+CHECKPOINT_DIR = 'checkpoints'
+BEST_METRIC = 'val_psnr'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or model folder that cannot be used (one-line message naming the path)."""
+
+
+def config_to_dict(config):
+  """A plain JSON-able dict (tuples become lists) so that saved and live configs compare equal."""
+  return json.loads(config.to_json())
+
+
+def load_config(path):
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _write_json_atomic(path, obj):
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def save_run_config(workdir, config):
+  """Writes the run's config beside its checkpoints; refuses a model that differs from a saved one."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  live = config_to_dict(config)
+  if os.path.exists(path):
+    saved = load_config(path)
+    saved_model = config_to_dict(saved.model)
+    if saved_model != live['model']:
+      diff = sorted(k for k in set(saved_model) | set(live['model'])
+                    if saved_model.get(k) != live['model'].get(k))
+      raise CheckpointError(
+          f'{workdir}: its checkpoints are of another model (fields differ: '
+          + ', '.join(f'{k}={saved_model.get(k)!r} saved vs {live["model"].get(k)!r}' for k in diff)
+          + '); use a new --workdir or the saved config')
+  _write_json_atomic(path, live)
+
+
+def make_manager(workdir, keep=3, read_only=False):
+  """Keeps the latest `keep` checkpoints plus the best one by validation PSNR."""
+  policy = preservation_policy.AnyPreservationPolicy([
+      preservation_policy.LatestN(n=keep),
+      preservation_policy.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                                keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, create=not read_only, read_only=read_only,
+      # Synchronous: the models are small, and a step is never left half-written at exit.
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options,
+      item_names=('params', 'train'))
+
+
+def save_train_state(manager, state, metrics=None, force=False):
+  """Saves params and the rest of the train state (step, optimizer state, RNG key) at state.step."""
+  step = int(jax.device_get(state.step))
+  train = {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train)),
+      metrics=metrics, force=force)
+  return step
+
+
+def restore_train_state(manager, state, step=None):
+  """Restores into the structure (and shardings) of `state`; returns it unchanged if no checkpoint."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return state
+  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  train = {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract(state.params)),
+      train=ocp.args.StandardRestore(abstract(train))))
+  t = restored['train']
+  return state.replace(step=t['step'], params=restored['params'], opt_state=t['opt_state'],
+                       rng=t['rng'])
+
+
+def _abstract_params(model, model_cfg):
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  x = jax.ShapeDtypeStruct((1, 8, 8, model_cfg.channels), np.float32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)['params'], x)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def export_model(path, params, config):
+  """Writes a shippable model folder (config.json + params.msgpack) atomically."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  try:
+    with open(os.path.join(tmp, PARAMS_FILE), 'wb') as f:
+      f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
+    _write_json_atomic(os.path.join(tmp, CONFIG_FILE), config_to_dict(config))
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def restore_model(path, step=None, best=False):
+  """Returns (model, params, config) from an exported folder, a training workdir or one step folder.
+
+  From a workdir: the latest step, or `step`, or with best=True the best by validation PSNR.
+  Only the parameters are read, never the optimizer state.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path}: no such model folder')
+  if os.path.exists(os.path.join(path, PARAMS_FILE)):  # an exported model
+    config = load_config(os.path.join(path, CONFIG_FILE))
+    model = models.build_model(config.model)
+    with open(os.path.join(path, PARAMS_FILE), 'rb') as f:
+      params = flax.serialization.msgpack_restore(f.read())
+    return model, jax.tree.map(np.asarray, params), config
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):  # a workdir
+    workdir, step_dir = path, None
+  elif os.path.isdir(os.path.join(path, 'params')):  # one step folder: workdir/checkpoints/<step>
+    workdir, step_dir = os.path.dirname(os.path.dirname(path)), path
+  else:
+    raise CheckpointError(f'{path}: neither an exported model ({PARAMS_FILE}) nor a training workdir')
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise CheckpointError(f'{workdir}: {CONFIG_FILE} is missing')
+  config = load_config(config_path)
+  model = models.build_model(config.model)
+  abstract = _abstract_params(model, config.model)
+  if step_dir is not None:
+    params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'params'), abstract)
+    return model, params, config
+  manager = make_manager(workdir, read_only=True)
+  if best:
+    step = manager.best_step()
+  elif step is None:
+    step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(f'{workdir}: holds no checkpoint yet')
+  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+  return model, restored['params'], config

@@ -1,0 +1,392 @@
+"""In-memory patch generator: (low-resolution, high-resolution) training pairs made as waifu2x makes them.
+
+Images are loaded once as uint8 RGB. Every training sample is a pure function of (seed, step, position in
+the global batch): it picks an image (weighted by area, so every pixel is equally likely to be seen),
+one of the 8 flips/90-degree rotations, a random region, a downscaling filter and JPEG noise. Nothing is
+written to disk. `PatchGenerator` runs `make_batch` in background threads (Pillow releases the GIL) and
+hands batches to the training loop in step order.
+
+Noise levels (waifu2x's art models): -1 none; 0: one JPEG at quality 85-95; 1: 65-85; 2 and 3: 27-70
+once (60%), twice (30%) or three times (10%) with falling quality. Levels 2 and 3 differ only in how
+often a pair is degraded at all (`nr_rate`: 0.65 for levels 0-2, 1.0 for level 3).
+"""
+
+import bisect
+import concurrent.futures
+import importlib.util
+import io
+import itertools
+import os
+import pathlib
+import queue
+import threading
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
+NOISE_LEVELS = (-1, 0, 1, 2, 3)
+FILTERS = {
+    'box': Image.Resampling.BOX,
+    'bilinear': Image.Resampling.BILINEAR,
+    'bicubic': Image.Resampling.BICUBIC,
+    'lanczos': Image.Resampling.LANCZOS,
+}
+# Real photographs (colour and grey) shipped inside scikit-image's wheel; synthetic images, tiny ones
+# and retina.jpg (mostly black, and so large that area weighting would make it a third of all samples)
+# are left out.
+DEFAULT_IMAGE_FILES = (
+    'astronaut.png', 'brick.png', 'camera.png', 'chelsea.png', 'coffee.png', 'coins.png', 'grass.png',
+    'gravel.png', 'hubble_deep_field.jpg', 'ihc.png', 'moon.png', 'motorcycle_left.png',
+    'motorcycle_right.png', 'page.png', 'rocket.jpg', 'text.png')
+# Low-resolution pixels of context degraded around a patch and then cropped away: more than the widest
+# filter's reach (lanczos, 3 pixels), and the patch's offset in the region takes 16 values so that its
+# phase against the 8x8 JPEG blocks (16x16 with 4:2:0 chroma) varies as it does in real images.
+_CONTEXT_MIN = 4
+_PHASES = 16
+# The 8 flips and 90-degree rotations (None: as is), and those that swap height and width.
+_DIHEDRAL = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270,
+             Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.TRANSPOSE,
+             Image.Transpose.TRANSVERSE)
+_AXES_SWAPPED = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+                 Image.Transpose.TRANSVERSE)
+
+
+class DataError(ValueError):
+  """A fatal data problem, explained in one line that names the folder or file and the reason."""
+
+
+def min_image_size(patch_size, scale):
+  """The smallest image side that holds one high-resolution patch."""
+  return patch_size * scale
+
+
+def noise_nr_rate(noise_level, nr_rate):
+  """The probability that a pair gets JPEG noise; -1 picks the level's default (0.65, or 1.0 for level 3)."""
+  if noise_level not in NOISE_LEVELS:
+    raise DataError(f'noise level {noise_level}: must be one of {NOISE_LEVELS}')
+  if noise_level == -1:
+    return 0.0
+  if nr_rate < 0:
+    return 1.0 if noise_level == 3 else 0.65
+  if nr_rate > 1:
+    raise DataError(f'nr_rate {nr_rate}: must be in [0, 1], or -1 for the level default')
+  return float(nr_rate)
+
+
+def _filter_table(filter_weights):
+  """(names, cumulative weights) of the filters with positive weight; `filter_weights` maps name -> weight."""
+  names, cumulative, total = [], [], 0.0
+  for name, weight in sorted(dict(filter_weights.items()).items()):
+    if name not in FILTERS:
+      raise DataError(f'filter_weights.{name}: unknown filter, expected some of {sorted(FILTERS)}')
+    if weight < 0:
+      raise DataError(f'filter_weights.{name}={weight}: weights must not be negative')
+    if weight > 0:
+      total += float(weight)
+      names.append(name)
+      cumulative.append(total)
+  if not names:
+    raise DataError(f'filter_weights {dict(filter_weights.items())}: at least one must be positive')
+  return names, cumulative
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _to_rgb_uint8(image):
+  """HxWx3 uint8 from any Pillow mode: grey expanded, alpha dropped, 16-bit scaled down."""
+  if image.mode.startswith('I') or image.mode == 'F':
+    values = np.asarray(image, np.float64)
+    if image.mode.startswith('I;16') or values.max() > 255:
+      values = values / 257.0  # 16-bit: 65535 -> 255
+    grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+  if image.mode == 'P':
+    image = image.convert('RGBA')  # the palette's transparency would warn on a direct RGB conversion
+  if image.mode != 'RGB':
+    image = image.convert('RGB')
+  return np.asarray(image, np.uint8)
+
+
+def _read_image(path):
+  """(array, None) or (None, reason)."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+      return _to_rgb_uint8(image), None
+  except Exception as error:  # pylint: disable=broad-except; any undecodable file is skipped
+    return None, f'{type(error).__name__}: {error}'
+
+
+def _load_files(paths, names, min_size, num_threads):
+  """Reads `paths` (in order), warning about and skipping unreadable and too-small ones."""
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    results = list(pool.map(_read_image, paths))
+  images = []
+  for name, (image, reason) in zip(names, results):
+    if image is None:
+      logging.warning('Skipping %s: unreadable (%s)', name, reason)
+    elif min(image.shape[:2]) < min_size:
+      logging.warning('Skipping %s: %dx%d is smaller than one patch (%dx%d)', name, image.shape[1],
+                      image.shape[0], min_size, min_size)
+    else:
+      images.append(image)
+  return images
+
+
+def load_images(folder, min_size, *, num_threads=4):
+  """Every image under `folder` (recursive) as uint8 HxWx3, sorted by relative path.
+
+  Files that cannot be decoded and images with a side below `min_size` are skipped with a warning;
+  a missing folder or one with no usable image raises DataError.
+  """
+  root = pathlib.Path(folder)
+  if not root.exists():
+    raise DataError(f'{folder}: no such folder')
+  if not root.is_dir():
+    raise DataError(f'{folder}: not a folder')
+  relative = sorted(p.relative_to(root).as_posix() for p in root.rglob('*')
+                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+  if not relative:
+    raise DataError(f'{folder}: no image files ({", ".join(e[1:] for e in IMAGE_EXTENSIONS)})')
+  images = _load_files([root / r for r in relative], [str(root / r) for r in relative], min_size,
+                       num_threads)
+  if not images:
+    raise DataError(f'{folder}: none of its {len(relative)} image files is readable and at least '
+                    f'{min_size}x{min_size} pixels')
+  megapixels = sum(im.shape[0] * im.shape[1] for im in images) / 1e6
+  logging.info('Loaded %d images (%.1f megapixels) from %s; %d skipped', len(images), megapixels, folder,
+               len(relative) - len(images))
+  return images
+
+
+def default_image_dir():
+  """scikit-image's `data` package folder, found without importing scikit-image (or its fetchers)."""
+  spec = importlib.util.find_spec('skimage')
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError('default training data: scikit-image is not installed (pip install scikit-image), '
+                    'or give a training folder')
+  return os.path.join(list(spec.submodule_search_locations)[0], 'data')
+
+
+def load_default_images(min_size, *, num_threads=4):
+  """The embedded default training set: the real photographs in scikit-image's wheel (no network)."""
+  folder = default_image_dir()
+  present = [name for name in DEFAULT_IMAGE_FILES if os.path.isfile(os.path.join(folder, name))]
+  for name in sorted(set(DEFAULT_IMAGE_FILES) - set(present)):
+    logging.warning('Default training data: %s missing from %s', name, folder)
+  images = _load_files([os.path.join(folder, n) for n in present],
+                       [os.path.join(folder, n) for n in present], min_size, num_threads)
+  if not images:
+    raise DataError(f'{folder}: none of the default photographs is readable and at least '
+                    f'{min_size}x{min_size} pixels')
+  logging.info('Using the embedded default training data: %d photographs from %s (%s)', len(images),
+               folder, ', '.join(present))
+  return images
+
+
+# ---------------------------------------------------------------------------------------------------
+# Degradation
+
+
+def _jpeg(image, quality, subsampling):
+  """A JPEG round trip of an RGB Pillow image, in memory."""
+  buf = io.BytesIO()
+  image.save(buf, format='JPEG', quality=int(quality), subsampling=subsampling)
+  buf.seek(0)
+  decoded = Image.open(buf)
+  decoded.load()
+  return decoded
+
+
+def _jpeg_qualities(noise_level, rng):
+  """The qualities of the successive JPEG encodings for one pair (waifu2x's art-model schedule)."""
+  if noise_level == 0:
+    return [int(rng.integers(85, 96))]
+  if noise_level == 1:
+    return [int(rng.integers(65, 86))]
+  first = int(rng.integers(27, 71))
+  times = rng.random()
+  if times < 0.6:
+    qualities = [first]
+  elif times < 0.9:
+    qualities = [first, first - int(rng.integers(5, 11))]
+  else:  # both later qualities count down from the first (as in waifu2x), so the third is the lowest
+    qualities = [first, first - int(rng.integers(5, 16)), first - int(rng.integers(15, 26))]
+  return [max(q, 1) for q in qualities]
+
+
+def _region_and_offset(length, patch, rng):
+  """(region length, patch offset in it) along one axis, in low-resolution pixels."""
+  wanted = patch + 2 * _CONTEXT_MIN + _PHASES - 1
+  region = min(length, -(-wanted // _PHASES) * _PHASES)  # whole JPEG blocks where the image allows
+  context = min(_CONTEXT_MIN, (region - patch) // 2)
+  offsets = min(_PHASES, region - patch - 2 * context + 1)
+  return region, context + int(rng.integers(offsets))
+
+
+def make_pair(image, rng, *, patch_size, scale, noise_level, nr_rate, filter_weights):
+  """One training pair from `image` (uint8 HxWx3, both sides >= patch_size * scale).
+
+  Returns (lr uint8 (p, p, 3), hr uint8 (p*s, p*s, 3)). A region larger than the patch is flipped or
+  rotated, downscaled with a filter drawn from `filter_weights` (scale > 1), JPEG-degraded with
+  probability `noise_nr_rate(noise_level, nr_rate)`, then cropped to the patch. The random draws that
+  choose the crop and filter come before the noise draws, so the same `rng` state gives the same clean
+  pair at every noise level.
+  """
+  p, s = patch_size, scale
+  rate = noise_nr_rate(noise_level, nr_rate)
+  if min(image.shape[:2]) < p * s:
+    raise DataError(f'image of {image.shape[1]}x{image.shape[0]} is smaller than one patch ({p * s})')
+  # One of the 8 flips/rotations, applied to the clean region before any degradation (JPEG's grid and
+  # quantisation tables keep their real orientation). Pillow does the pixel work: fewer copies, no GIL.
+  transpose = _DIHEDRAL[int(rng.integers(8))]
+  swap = transpose in _AXES_SWAPPED
+  height, width = image.shape[:2]
+  if swap:
+    height, width = width, height  # the transformed image's sides
+  region_h, offset_y = _region_and_offset(height // s, p, rng)  # low-resolution pixels
+  region_w, offset_x = _region_and_offset(width // s, p, rng)
+  source_h, source_w = (region_w * s, region_h * s) if swap else (region_h * s, region_w * s)
+  top = int(rng.integers(image.shape[0] - source_h + 1))
+  left = int(rng.integers(image.shape[1] - source_w + 1))
+  region = Image.fromarray(image[top:top + source_h, left:left + source_w])
+  if transpose is not None:
+    region = region.transpose(transpose)
+  hr = np.asarray(region)[offset_y * s:(offset_y + p) * s, offset_x * s:(offset_x + p) * s]
+  lr = region
+  if s > 1:
+    names, cumulative = _filter_table(filter_weights)
+    name = names[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])]
+    lr = region.resize((region_w, region_h), FILTERS[name])
+  if noise_level >= 0 and rng.random() < rate:
+    for quality in _jpeg_qualities(noise_level, rng):
+      lr = _jpeg(lr, quality, subsampling=2 * int(rng.integers(2)))  # 0: 4:4:4, 2: 4:2:0
+  lr = np.asarray(lr)[offset_y:offset_y + p, offset_x:offset_x + p]
+  return np.ascontiguousarray(lr), np.ascontiguousarray(hr)
+
+
+def make_batch(images, *, seed, step, indices, patch_size, scale, noise_level, nr_rate, filter_weights):
+  """Samples `indices` (positions in the global batch) of the batch at `step`, as float32 in [0, 1].
+
+  Sample i depends only on (seed, step, i): its generator is `np.random.default_rng([seed, step, i])`.
+  It picks an image with probability proportional to its area (every pixel equally likely), then
+  `make_pair`. Returns {'lr': (n, p, p, 3), 'hr': (n, p*s, p*s, 3)}.
+  """
+  cumulative_area = list(itertools.accumulate(im.shape[0] * im.shape[1] for im in images))
+  lrs, hrs = [], []
+  for i in indices:
+    rng = np.random.default_rng([seed, step, i])
+    image = images[bisect.bisect_right(cumulative_area, rng.random() * cumulative_area[-1])]
+    lr, hr = make_pair(image, rng, patch_size=patch_size, scale=scale, noise_level=noise_level,
+                       nr_rate=nr_rate, filter_weights=filter_weights)
+    lrs.append(lr)
+    hrs.append(hr)
+  inv = np.float32(1.0 / 255.0)
+  return {'lr': np.stack(lrs).astype(np.float32) * inv, 'hr': np.stack(hrs).astype(np.float32) * inv}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Background producer
+
+
+class PatchGenerator:
+  """Iterates `(step, batch)` from `start_step` on, with this process's slice of each global batch.
+
+  `data_cfg` is `config.data` (patch_size, noise_level, nr_rate, filter_weights, num_threads,
+  prefetch). Worker w of n makes the batches of steps start + w, start + w + n, ... into its own
+  bounded queue and the consumer reads the queues in turn, so the order (and each batch, see
+  `make_batch`) does not depend on the thread count. An error in a worker is raised by the consumer.
+  Close it (or use it as a context manager) to stop the threads.
+  """
+
+  _POLL_S = 0.05  # how often blocked threads check for close()
+
+  def __init__(self, images, data_cfg, *, scale, batch_size, seed, start_step=0, process_index=0,
+               process_count=1):
+    if not images:
+      raise DataError('PatchGenerator: no training images')
+    if batch_size <= 0 or batch_size % process_count:
+      raise DataError(f'batch size {batch_size}: must be a positive multiple of the process count '
+                      f'({process_count})')
+    if not 0 <= process_index < process_count:
+      raise DataError(f'process index {process_index}: must be in [0, {process_count})')
+    size = min_image_size(data_cfg.patch_size, scale)
+    small = [i for i, im in enumerate(images) if min(im.shape[:2]) < size]
+    if small:
+      raise DataError(f'{len(small)} training images (first: #{small[0]}) are smaller than one '
+                      f'{size}x{size} patch')
+    noise_nr_rate(data_cfg.noise_level, data_cfg.nr_rate)  # validates early, not in a worker
+    if scale > 1:
+      _filter_table(data_cfg.filter_weights)
+    per_process = batch_size // process_count
+    self._images = list(images)
+    self._indices = range(process_index * per_process, (process_index + 1) * per_process)
+    self._options = dict(patch_size=data_cfg.patch_size, scale=scale, noise_level=data_cfg.noise_level,
+                         nr_rate=data_cfg.nr_rate, filter_weights=dict(data_cfg.filter_weights.items()))
+    self._seed = seed
+    self._next_step = start_step
+    self._start_step = start_step
+    self._stop = threading.Event()
+    num_threads = max(1, int(data_cfg.num_threads))
+    depth = max(1, -(-int(data_cfg.prefetch) // num_threads))
+    self._queues = [queue.Queue(maxsize=depth) for _ in range(num_threads)]
+    self._threads = [threading.Thread(target=self._produce, args=(w,), name=f'PatchGenerator-{w}',
+                                      daemon=True) for w in range(num_threads)]
+    for thread in self._threads:
+      thread.start()
+
+  def _produce(self, worker):
+    out = self._queues[worker]
+    for step in itertools.count(self._start_step + worker, len(self._threads)):
+      if self._stop.is_set():
+        return
+      try:
+        item = (step, make_batch(self._images, seed=self._seed, step=step, indices=self._indices,
+                                 **self._options), None)
+      except BaseException as error:  # pylint: disable=broad-except; handed to the consumer
+        item = (step, None, error)
+      while not self._stop.is_set():
+        try:
+          out.put(item, timeout=self._POLL_S)
+          break
+        except queue.Full:
+          continue
+      if item[2] is not None:
+        return
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    source = self._queues[(self._next_step - self._start_step) % len(self._queues)]
+    while True:
+      if self._stop.is_set():
+        raise StopIteration
+      try:
+        step, batch, error = source.get(timeout=self._POLL_S)
+        break
+      except queue.Empty:
+        continue
+    if error is not None:
+      self.close()
+      raise error
+    assert step == self._next_step, (step, self._next_step)
+    self._next_step += 1
+    return step, batch
+
+  def close(self):
+    """Stops and joins the producer threads (they poll, so this returns within about _POLL_S)."""
+    self._stop.set()
+    for thread in self._threads:
+      if thread is not threading.current_thread():
+        thread.join()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

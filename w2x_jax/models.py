@@ -1,0 +1,324 @@
+"""Flax Linen models: DCSCN (the seed's and the paper's) and ESPCN with selection units.
+
+Every model is called as `model.apply({'params': params}, x)` with `x` NHWC in [0, 1] and
+`channels` channels; the output is `(N, H*s, W*s, channels)` float32, not clipped.
+
+Conventions shared by both models:
+- every convolution goes through `Conv`, which calls one function (`conv2d` by default, or the
+  `conv_fn` given to `build_model`), so a faster convolution can be swapped in without touching the
+  architectures;
+- convolutions are stride 1 with SAME (zero) padding; params are float32, the convolutions compute
+  in `model_cfg.get('dtype', 'float32')`; the interpolated-input skip and the final add are float32
+  (the skip carries most of the signal, and bfloat16 rounds more coarsely than 8-bit pixels);
+- `pixel_shuffle` uses PyTorch's channel order (input channel `c*s*s + dy*s + dx`), so the seed's
+  PyTorch weights map over unchanged (after OIHW -> HWIO);
+- the interpolated-input skip uses half-pixel centres (PyTorch's `align_corners=False`, Pillow) and
+  edge replication: 'bilinear' equals PyTorch's `F.interpolate(mode='bilinear')` everywhere;
+  'bicubic' is Keys' a = -0.5 (Pillow's, MATLAB's) and equals Pillow's BICUBIC except in the two
+  outermost low-resolution pixels, where Pillow renormalises its truncated kernel instead. Edge
+  replication is what tiled inference sees anyway (it pads the image by replicating its edges).
+"""
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODEL_NAMES = ('dcscn', 'espcn_su')
+ACTIVATIONS = ('selu', 'prelu', 'relu', 'leaky_relu')
+SELECTION_ACTIVATIONS = ACTIVATIONS + ('none',)
+INTERPOLATIONS = ('none', 'bilinear', 'bicubic')
+LEAKY_SLOPE = 0.1  # waifu2x's LeakyReLU slope
+PRELU_INIT = 0.1  # jiny2001's DCSCN initialises its per-channel PReLU alphas to 0.1
+_INTERP_RADIUS = {'none': 0, 'bilinear': 1, 'bicubic': 2}  # LR pixels each side a skip sample reads
+
+
+def conv2d(x, kernel):
+  """Stride-1, SAME (zero-padded) convolution of NHWC `x` with an HWIO kernel."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def pixel_shuffle(x, scale):
+  """(N, H, W, C*s*s) -> (N, H*s, W*s, C), with PyTorch's order: channel c*s*s + dy*s + dx."""
+  n, h, w, cs = x.shape
+  if cs % (scale * scale):
+    raise ValueError(f'models.py: pixel_shuffle needs channels divisible by {scale}^2, got {cs}')
+  c = cs // (scale * scale)
+  x = x.reshape(n, h, w, c, scale, scale)
+  return x.transpose(0, 1, 4, 2, 5, 3).reshape(n, h * scale, w * scale, c)
+
+
+def _cubic(t, a=-0.5):
+  t = abs(t)
+  if t <= 1:
+    return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+  if t < 2:
+    return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+  return 0.0
+
+
+def _phase_taps(method, scale):
+  """(scale, 2R+1) weights: output phase r of LR pixel k reads LR pixels k-R..k+R."""
+  radius = _INTERP_RADIUS[method]
+  kernel = (lambda t: max(0.0, 1.0 - abs(t))) if method == 'bilinear' else _cubic
+  taps = np.zeros((scale, 2 * radius + 1))
+  for r in range(scale):
+    offset = (r + 0.5) / scale - 0.5  # half-pixel centres: where phase r samples, relative to k
+    for j in range(-radius, radius + 1):
+      taps[r, j + radius] = kernel(j - offset)
+  return taps
+
+
+def _upsample_axis(x, taps, axis):
+  scale, width = taps.shape
+  radius = (width - 1) // 2
+  n = x.shape[axis]
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (radius, radius)
+  xp = jnp.pad(x, pad, mode='edge')
+  phases = []
+  for r in range(scale):
+    terms = [float(taps[r, j]) * jax.lax.slice_in_dim(xp, j, j + n, axis=axis)
+             for j in range(width) if taps[r, j] != 0.0]
+    phases.append(functools.reduce(jnp.add, terms))
+  y = jnp.stack(phases, axis=axis + 1)  # (.., n, s, ..) -> (.., n*s, ..): index k*s + r
+  return y.reshape(x.shape[:axis] + (n * scale,) + x.shape[axis + 1:])
+
+
+def upsample(x, scale, method):
+  """Upscales NHWC `x` by an integer factor: separable fixed taps, edge replication (see top)."""
+  if method not in ('bilinear', 'bicubic'):
+    raise ValueError(f'models.py: interpolation {method!r} must be one of bilinear, bicubic')
+  if scale == 1:
+    return x
+  taps = _phase_taps(method, scale)
+  return _upsample_axis(_upsample_axis(x, taps, 1), taps, 2)
+
+
+def _kernel_init(activation):
+  # SELU nets keep their self-normalisation with LeCun init; ReLU-like ones want He init.
+  if activation in ('selu', 'none'):
+    return nn.initializers.lecun_normal()
+  return nn.initializers.he_normal()
+
+
+class Conv(nn.Module):
+  """The one convolution every layer uses: float32 params, computed in `dtype` by `conv_fn`."""
+  features: int
+  kernel_size: int = 3
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+  conv_fn: Callable = conv2d
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    y = self.conv_fn(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Activation(nn.Module):
+  """selu | relu | leaky_relu (slope 0.1) | prelu (one alpha per channel) | none."""
+  kind: str
+
+  @nn.compact
+  def __call__(self, x):
+    if self.kind == 'selu':
+      return nn.selu(x)
+    if self.kind == 'relu':
+      return nn.relu(x)
+    if self.kind == 'leaky_relu':
+      return nn.leaky_relu(x, LEAKY_SLOPE)
+    if self.kind == 'prelu':
+      alpha = self.param('alpha', nn.initializers.constant(PRELU_INIT), (x.shape[-1],), jnp.float32)
+      return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
+    if self.kind == 'none':
+      return x
+    raise ValueError(f'models.py: activation {self.kind!r} must be one of {SELECTION_ACTIVATIONS}')
+
+
+class SelectionUnit(nn.Module):
+  """SelNet's selection unit, h * sigmoid(conv1x1(act(h))); `multiply=False` is the seed's variant,
+  which returns the gate sigmoid(conv1x1(act(h))) alone (its code drops the multiplication)."""
+  activation: str = 'relu'
+  multiply: bool = True
+  dtype: Any = jnp.float32
+  conv_fn: Callable = conv2d
+
+  @nn.compact
+  def __call__(self, h):
+    g = Activation(self.activation, name='act')(h)
+    g = Conv(h.shape[-1], 1, kernel_init=_kernel_init(self.activation), dtype=self.dtype,
+             conv_fn=self.conv_fn, name='conv')(g)
+    g = nn.sigmoid(g)
+    return h * g if self.multiply else g
+
+
+class DCSCN(nn.Module):
+  """DCSCN: conv3x3 feature layers (all outputs concatenated), network-in-network reconstruction
+  (A = conv1x1, B = conv1x1 -> conv3x3), conv3x3 + pixel shuffle + conv3x3, plus the interpolated
+  input. Each conv but the last is followed by the activation; after the upsampler conv the
+  activation comes after the shuffle (PReLU: `upsampler_filters` alphas, as the paper's code)."""
+  scale: int
+  channels: int
+  filters: Sequence[int]
+  recon_a: int
+  recon_b1: int
+  recon_b2: int
+  upsampler_filters: int
+  final_bias: bool = False
+  activation: str = 'selu'
+  skip_interpolation: str = 'bilinear'
+  dtype: Any = jnp.float32
+  conv_fn: Callable = conv2d
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(Conv, kernel_init=_kernel_init(self.activation), dtype=self.dtype,
+                             conv_fn=self.conv_fn)
+    act = functools.partial(Activation, self.activation)
+    h, features = x, []
+    for i, f in enumerate(self.filters):
+      h = act(name=f'feature_{i}_act')(conv(f, 3, name=f'feature_{i}')(h))
+      features.append(h)
+    h = jnp.concatenate(features, axis=-1)
+    a = act(name='recon_a_act')(conv(self.recon_a, 1, name='recon_a')(h))
+    b = act(name='recon_b1_act')(conv(self.recon_b1, 1, name='recon_b1')(h))
+    b = act(name='recon_b2_act')(conv(self.recon_b2, 3, name='recon_b2')(b))
+    h = jnp.concatenate([a, b], axis=-1)
+    h = conv(self.upsampler_filters * self.scale ** 2, 3, name='upsampler')(h)
+    h = act(name='upsampler_act')(pixel_shuffle(h, self.scale))
+    h = Conv(self.channels, 3, use_bias=self.final_bias, dtype=self.dtype, conv_fn=self.conv_fn,
+             name='final')(h)
+    return h.astype(jnp.float32) + upsample(x.astype(jnp.float32), self.scale,
+                                            self.skip_interpolation)
+
+
+class ESPCNSU(nn.Module):
+  """The seed's ESPCN_7: conv3x3 + activation + selection unit per layer, then conv3x3 to
+  channels*s^2 and pixel shuffle; optionally plus the interpolated input."""
+  scale: int
+  channels: int
+  filters: Sequence[int] = (64, 64, 128, 128, 256, 256)
+  activation: str = 'selu'
+  selection_activation: str = 'relu'
+  selection_multiply: bool = True
+  skip_interpolation: str = 'none'
+  dtype: Any = jnp.float32
+  conv_fn: Callable = conv2d
+
+  @nn.compact
+  def __call__(self, x):
+    h = x
+    for i, f in enumerate(self.filters):
+      h = Conv(f, 3, kernel_init=_kernel_init(self.activation), dtype=self.dtype,
+               conv_fn=self.conv_fn, name=f'conv_{i}')(h)
+      h = Activation(self.activation, name=f'conv_{i}_act')(h)
+      h = SelectionUnit(self.selection_activation, self.selection_multiply, dtype=self.dtype,
+                        conv_fn=self.conv_fn, name=f'select_{i}')(h)
+    h = Conv(self.channels * self.scale ** 2, 3, dtype=self.dtype, conv_fn=self.conv_fn,
+             name='upsampler')(h)
+    h = pixel_shuffle(h, self.scale).astype(jnp.float32)
+    if self.skip_interpolation != 'none':
+      h = h + upsample(x.astype(jnp.float32), self.scale, self.skip_interpolation)
+    return h
+
+
+def feature_filters(model_cfg):
+  """DCSCN's per-layer filter counts: 'exp' (the seed's round(first*exp(-a*i))) or 'power'
+  (the paper's int((first-last)*(1-x^(1/gamma)) + last), x = i/(L-1))."""
+  layers, first, last = model_cfg.layers, model_cfg.first_filters, model_cfg.last_filters
+  if layers < 1:
+    raise ValueError(f'models.py: model.layers={layers} must be >= 1')
+  if layers == 1:
+    return [first]
+  if model_cfg.filter_decay == 'exp':
+    rate = math.log(first / last) / (layers - 1)
+    return [round(first * math.exp(-rate * i)) for i in range(layers)]
+  if model_cfg.filter_decay == 'power':
+    return [int((first - last) * (1 - (i / (layers - 1)) ** (1 / model_cfg.gamma)) + last)
+            for i in range(layers)]
+  raise ValueError(f'models.py: model.filter_decay={model_cfg.filter_decay!r} must be exp or power')
+
+
+def _check_choice(field, value, allowed):
+  if value not in allowed:
+    raise ValueError(f'models.py: model.{field}={value!r} must be one of {list(allowed)}')
+
+
+def build_model(model_cfg, conv_fn=conv2d):
+  """The Linen module that `model_cfg` describes; `conv_fn(x, kernel)` does every convolution."""
+  _check_choice('name', model_cfg.name, MODEL_NAMES)
+  _check_choice('activation', model_cfg.activation, ACTIVATIONS)
+  if model_cfg.scale < 1:
+    raise ValueError(f'models.py: model.scale={model_cfg.scale} must be >= 1')
+  dtype = jnp.dtype(model_cfg.get('dtype', 'float32'))
+  if model_cfg.name == 'dcscn':
+    _check_choice('skip_interpolation', model_cfg.skip_interpolation, ('bilinear', 'bicubic'))
+    return DCSCN(scale=model_cfg.scale, channels=model_cfg.channels,
+                 filters=tuple(feature_filters(model_cfg)), recon_a=model_cfg.recon_a,
+                 recon_b1=model_cfg.recon_b1, recon_b2=model_cfg.recon_b2,
+                 upsampler_filters=model_cfg.upsampler_filters, final_bias=model_cfg.final_bias,
+                 activation=model_cfg.activation, skip_interpolation=model_cfg.skip_interpolation,
+                 dtype=dtype, conv_fn=conv_fn)
+  _check_choice('selection_activation', model_cfg.selection_activation, SELECTION_ACTIVATIONS)
+  _check_choice('skip_interpolation', model_cfg.skip_interpolation, INTERPOLATIONS)
+  return ESPCNSU(scale=model_cfg.scale, channels=model_cfg.channels,
+                 filters=tuple(model_cfg.filters), activation=model_cfg.activation,
+                 selection_activation=model_cfg.selection_activation,
+                 selection_multiply=model_cfg.selection_multiply,
+                 skip_interpolation=model_cfg.skip_interpolation, dtype=dtype, conv_fn=conv_fn)
+
+
+def receptive_margin(model_cfg):
+  """LR pixels on each side that can influence an output pixel (tight for these models).
+
+  Each LR conv3x3 adds 1 (conv1x1 0; DCSCN's reconstruction adds 1 through branch B); the final
+  HR conv3x3 reaches 1 HR pixel = ceil(1/s) = 1 LR pixel; the skip reads 1 (bilinear) or 2
+  (bicubic) LR pixels each side, 0 at scale 1, and runs in parallel, so it counts by max.
+  """
+  skip = _INTERP_RADIUS[model_cfg.skip_interpolation] if model_cfg.scale > 1 else 0
+  if model_cfg.name == 'dcscn':
+    body = model_cfg.layers + 1 + 1 + 1  # features, reconstruction B, upsampler, final HR conv
+  elif model_cfg.name == 'espcn_su':
+    body = len(model_cfg.filters) + 1  # conv3x3 layers and the upsampler conv
+  else:
+    raise ValueError(f'models.py: model.name={model_cfg.name!r} must be one of {list(MODEL_NAMES)}')
+  return max(body, skip)
+
+
+def flops_per_output_pixel(model_cfg):
+  """2 * multiply-adds of the convolutions per high-resolution output pixel (biases, activations
+  and the skip not counted): LR convs divided by s^2, plus the HR conv."""
+  s2, c = model_cfg.scale ** 2, model_cfg.channels
+  if model_cfg.name == 'dcscn':
+    filters = feature_filters(model_cfg)
+    total = sum(filters)
+    lr = sum(9 * cin * cout for cin, cout in zip([c] + filters[:-1], filters))
+    lr += total * (model_cfg.recon_a + model_cfg.recon_b1)
+    lr += 9 * model_cfg.recon_b1 * model_cfg.recon_b2
+    lr += 9 * (model_cfg.recon_a + model_cfg.recon_b2) * model_cfg.upsampler_filters * s2
+    hr = 9 * model_cfg.upsampler_filters * c
+  elif model_cfg.name == 'espcn_su':
+    filters = list(model_cfg.filters)
+    lr = sum(9 * cin * cout + cout * cout for cin, cout in zip([c] + filters[:-1], filters))
+    lr += 9 * (filters[-1] if filters else c) * c * s2
+    hr = 0
+  else:
+    raise ValueError(f'models.py: model.name={model_cfg.name!r} must be one of {list(MODEL_NAMES)}')
+  return 2.0 * (lr / s2 + hr)
+
+
+def count_params(params):
+  """Total number of scalars in a params pytree."""
+  return int(sum(np.prod(np.shape(p)) for p in jax.tree_util.tree_leaves(params)))

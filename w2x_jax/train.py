@@ -1,0 +1,390 @@
+"""Training: the train state, a jitted data-parallel train step, validation, checkpoints and the loop.
+
+The loop follows the flax examples: `train_and_evaluate(config, workdir)` builds everything from the
+config, resumes from the newest checkpoint in `workdir`, and writes metrics as JSON lines there.
+"""
+
+import json
+import math
+import os
+import signal
+import time
+
+from absl import logging
+import flax.struct
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+
+from w2x_jax import checkpoint
+from w2x_jax import data
+from w2x_jax import evaluate
+from w2x_jax import losses
+from w2x_jax import metrics as metrics_lib
+from w2x_jax import models
+
+METRICS_FILE = 'metrics.jsonl'
+PLOT_FILE = 'progress.png'
+DATA_AXIS = 'data'
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and step (flax's TrainState) plus an RNG key, all saved and restored."""
+  rng: jax.Array
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work (one line naming the field)."""
+
+
+def check_config(config):
+  """Fails early, with the field's name, on values the run cannot use."""
+  tc, dc = config.train, config.data
+  positive = {'train.batch_size': tc.batch_size, 'train.num_steps': tc.num_steps,
+              'train.log_every': tc.log_every, 'train.eval_every': tc.eval_every,
+              'train.checkpoint_every': tc.checkpoint_every,
+              'train.keep_checkpoints': tc.keep_checkpoints, 'data.patch_size': dc.patch_size,
+              'train.learning_rate': tc.learning_rate}
+  for name, value in positive.items():
+    if not value > 0:
+      raise ConfigError(f'config.{name}={value!r}: must be > 0')
+  choices = {'train.loss': (tc.loss, losses.LOSS_NAMES), 'train.optimizer': (tc.optimizer, ('adam', 'adamw')),
+             'train.schedule': (tc.schedule, ('constant', 'cosine', 'step')),
+             'data.noise_level': (dc.noise_level, (-1, 0, 1, 2, 3)),
+             'model.scale': (config.model.scale, (1, 2, 3, 4)), 'model.channels': (config.model.channels, (1, 3))}
+  for name, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ConfigError(f'config.{name}={value!r}: must be one of {list(allowed)}')
+  if tc.batch_size % jax.process_count():
+    raise ConfigError(f'config.train.batch_size={tc.batch_size}: must be divisible by the '
+                      f'{jax.process_count()} processes')
+
+
+def make_schedule(tc):
+  """The learning rate against step: constant, linear warmup + cosine to 0, or DCSCN's step decay."""
+  if tc.schedule == 'constant':
+    return optax.constant_schedule(tc.learning_rate)
+  if tc.schedule == 'cosine':
+    warmup = min(tc.warmup_steps, tc.num_steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup, tc.num_steps)
+  return optax.exponential_decay(tc.learning_rate, transition_steps=tc.decay_every,
+                                 decay_rate=tc.decay_rate, staircase=True)
+
+
+def make_optimizer(tc):
+  schedule = make_schedule(tc)
+  if tc.optimizer == 'adamw':
+    opt = optax.adamw(schedule, weight_decay=tc.weight_decay)
+  else:
+    opt = optax.adam(schedule)
+  if tc.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip), opt)
+  return opt
+
+
+def create_train_state(config, rng):
+  """A fresh train state (host-resident); the model and optimizer come from the config."""
+  model = models.build_model(config.model)
+  p = config.data.patch_size
+  init_rng, state_rng = jax.random.split(rng)
+  x = jnp.zeros((1, p, p, config.model.channels), jnp.float32)
+  params = jax.jit(model.init)(init_rng, x)['params']
+  return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config.train),
+                           rng=state_rng)
+
+
+def to_model_channels(images, channels):
+  """RGB in [0, 1] to what the model sees: RGB, or luma (Y of full-range YCbCr, as Pillow's) for Y models."""
+  if channels == 3:
+    return images
+  return jnp.tensordot(images, jnp.array([0.299, 0.587, 0.114], images.dtype), axes=1)[..., None]
+
+
+def make_train_step(config):
+  """A pure step: (state, batch) -> (state, metrics). `batch['weight']` masks padding samples."""
+  loss_fn = losses.get_loss(config.train.loss)
+  channels = config.model.channels
+
+  def train_step(state, batch):
+    lr = to_model_channels(batch['lr'], channels)
+    hr = to_model_channels(batch['hr'], channels)
+
+    def total_loss(params):
+      pred = state.apply_fn({'params': params}, lr)
+      # One loss per sample, so that padding samples (weight 0) change nothing and the result is
+      # the same whatever the device count.
+      per_sample = jax.vmap(lambda p, t: loss_fn(p[None], t[None]))(pred, hr)
+      return jnp.sum(per_sample * batch['weight']) / jnp.sum(batch['weight'])
+
+    loss, grads = jax.value_and_grad(total_loss)(state.params)
+    new_state = state.apply_gradients(grads=grads)
+    new_state = new_state.replace(rng=jax.random.fold_in(state.rng, state.step))
+    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+
+  return train_step
+
+
+def make_mesh(devices=None):
+  """A 1-D data-parallel mesh over `devices` (default: every device of every process)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def pad_local_batch(batch, multiple):
+  """Pads this process's slice to a multiple of its device count; padding samples get weight 0."""
+  n = len(batch['lr'])
+  pad = (-n) % multiple
+  out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) if pad else v
+         for k, v in batch.items()}
+  out['weight'] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  return out
+
+
+def shard_batch(batch, mesh):
+  """Assembles the global batch from every process's local slice (the cookbook's way)."""
+  local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  batch = pad_local_batch(batch, len(local_devices))
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+class Validator:
+  """PSNR (Y channel, border cropped) of the model and of bicubic on held-out images, same inputs."""
+
+  def __init__(self, images, config):
+    scale, channels = config.model.scale, config.model.channels
+    side = min([config.data.val_max_side] + [min(im.shape[:2]) for im in images])
+    side -= side % scale
+    crops = [_centre_crop(im, side) for im in images]
+    self.scale = scale
+    self.hr = np.stack(crops)
+    self.lr = np.stack([evaluate.degrade_for_eval(im, scale, config.data.noise_level) for im in crops])
+    self.bicubic_psnr = float(np.mean([
+        metrics_lib.psnr_y(evaluate.bicubic_upscale(lr, scale), hr, border=scale)
+        for lr, hr in zip(self.lr, self.hr)]))
+    margin = models.receptive_margin(config.model)
+    model = models.build_model(config.model)
+
+    @jax.jit
+    def predict(params, lr_uint8):
+      x = lr_uint8.astype(jnp.float32) / 255.0
+      # Edge-replicate by the receptive margin, as tiled inference does.
+      x = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)), mode='edge')
+      y = model.apply({'params': params}, to_model_channels(x, channels))
+      y = y[:, margin * scale:y.shape[1] - margin * scale, margin * scale:y.shape[2] - margin * scale]
+      if channels == 1:  # luma model: the chroma is measured off the Y channel anyway
+        y = jnp.repeat(y, 3, axis=-1)
+      return jnp.clip(y, 0.0, 1.0)
+
+    self._predict = predict
+
+  def __call__(self, params):
+    out = metrics_lib.to_uint8_range(jax.device_get(self._predict(params, self.lr)))
+    model_psnr = float(np.mean([metrics_lib.psnr_y(o, h, border=self.scale)
+                                for o, h in zip(out, self.hr)]))
+    return {'val_psnr': model_psnr, 'val_bicubic_psnr': self.bicubic_psnr,
+            'val_gain': model_psnr - self.bicubic_psnr}
+
+
+def _centre_crop(image, side):
+  h, w = image.shape[:2]
+  top, left = (h - side) // 2, (w - side) // 2
+  return image[top:top + side, left:left + side]
+
+
+class MetricsLog:
+  """One JSON-lines file per run (big_vision style); only process 0 writes."""
+
+  def __init__(self, workdir, resume_step):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.enabled = jax.process_index() == 0
+    if self.enabled and os.path.exists(self.path):
+      # Rows past the restored step belong to a run that was killed before its next checkpoint.
+      with open(self.path) as f:
+        rows = [r for r in (json.loads(line) for line in f if line.strip()) if r['step'] <= resume_step]
+      self._rewrite(rows)
+
+  def _rewrite(self, rows):
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in rows)
+    os.replace(tmp, self.path)
+
+  def write(self, step, **values):
+    if self.enabled:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'step': step, **values}) + '\n')
+
+  def rows(self):
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+
+def write_plot(rows, path):
+  """Loss and validation PSNR against step, as a PNG (rewritten atomically)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  loss = [(r['step'], r['loss']) for r in rows if 'loss' in r]
+  val = [(r['step'], r['val_psnr'], r['val_bicubic_psnr']) for r in rows if 'val_psnr' in r]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  if loss:
+    ax1.plot(*zip(*loss))
+    ax1.set_yscale('log')
+  ax1.set(xlabel='step', ylabel='training loss', title='loss')
+  if val:
+    steps, model_psnr, bicubic = zip(*val)
+    ax2.plot(steps, model_psnr, 'o-', label='model')
+    ax2.plot(steps, bicubic, '--', label='bicubic')
+    ax2.legend()
+  ax2.set(xlabel='step', ylabel='PSNR (dB, Y)', title='validation')
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=80)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def load_datasets(config):
+  """(train images, validation images) as uint8 RGB arrays, loaded once."""
+  dc = config.data
+  min_size = data.min_image_size(dc.patch_size, config.model.scale)
+  if dc.train_dir:
+    logging.info('Training data: %s', dc.train_dir)
+    images = data.load_images(dc.train_dir, min_size)
+  else:
+    logging.info('Training data: the embedded default (photographs shipped with scikit-image, %s)',
+                 data.default_image_dir())
+    images = data.load_default_images(min_size)
+  if dc.val_dir:
+    return images, data.load_images(dc.val_dir, 2 * config.model.scale)
+  if len(images) <= dc.val_count:
+    raise data.DataError(f'{dc.train_dir or "default data"}: {len(images)} usable images, need more than '
+                         f'config.data.val_count={dc.val_count} to hold some out for validation')
+  # Hold out evenly spaced images (deterministic: the list is sorted by path).
+  held = set(np.linspace(0, len(images) - 1, dc.val_count).round().astype(int).tolist())
+  return ([im for i, im in enumerate(images) if i not in held],
+          [im for i, im in enumerate(images) if i in held])
+
+
+class _StopRequest:
+  """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint is written before exit."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:  # a second signal: stop now
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def train_and_evaluate(config, workdir, devices=None):
+  """Trains (or resumes) the configured model in `workdir`; returns the final train state."""
+  check_config(config)
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    checkpoint.save_run_config(workdir, config)
+  train_images, val_images = load_datasets(config)
+  logging.info('%d training images, %d validation images', len(train_images), len(val_images))
+
+  mesh = make_mesh(devices)
+  replicated = NamedSharding(mesh, P())
+  state = create_train_state(config, jax.random.PRNGKey(config.seed))
+  logging.info('Model %s: %d parameters', config.model.name, models.count_params(state.params))
+  manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
+  state = checkpoint.restore_train_state(manager, state)
+  start_step = int(state.step)
+  if start_step:
+    logging.info('Resuming from step %d in %s', start_step, workdir)
+  state = jax.device_put(state, replicated)
+  train_step = jax.jit(make_train_step(config), out_shardings=(replicated, replicated),
+                       donate_argnums=(0,))
+  validate = Validator(val_images, config)
+  log = MetricsLog(workdir, start_step)
+  logging.info('Devices: %d (%s), processes: %d, global batch %d', mesh.size,
+               mesh.devices.flat[0].platform, jax.process_count(), tc.batch_size)
+
+  def checkpoint_now(val=None, force=False):
+    if manager.latest_step() != int(state.step):  # a stop right after a periodic save: nothing new
+      checkpoint.save_train_state(manager, state, metrics=val, force=force)
+
+  def validate_now(step):
+    val = validate(state.params)
+    logging.info('step %d: validation PSNR %.2f dB (bicubic %.2f dB, %+.2f dB)', step,
+                 val['val_psnr'], val['val_bicubic_psnr'], val['val_gain'])
+    log.write(step, **val)
+    if jax.process_index() == 0:
+      write_plot(log.rows(), os.path.join(workdir, PLOT_FILE))
+    return val
+
+  generator = data.PatchGenerator(
+      train_images, config.data, scale=config.model.scale, batch_size=tc.batch_size,
+      seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  step = start_step
+  last_val = None
+  pending, last_time, last_step = [], time.time(), start_step
+  try:
+    with _StopRequest() as stop, generator:
+      for step_index, batch in generator:
+        if step_index >= tc.num_steps or stop.signal:
+          break
+        state, step_metrics = train_step(state, shard_batch(batch, mesh))
+        step = step_index + 1
+        pending.append(step_metrics)
+        if step % tc.log_every == 0 or step == tc.num_steps:
+          summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+          now = time.time()
+          patches_per_s = (step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
+          lr = float(make_schedule(tc)(step))
+          eta = (tc.num_steps - step) * tc.batch_size / max(patches_per_s, 1e-9)
+          logging.info('step %d/%d  loss %.5f  lr %.2e  %.1f patches/s  ETA %s', step, tc.num_steps,
+                       summary['loss'], lr, patches_per_s, _format_seconds(eta))
+          log.write(step, lr=lr, patches_per_s=patches_per_s, **summary)
+          pending, last_time, last_step = [], now, step
+        val = None
+        if step % tc.eval_every == 0 or step == tc.num_steps:
+          val = last_val = validate_now(step)
+        if step % tc.checkpoint_every == 0 or step == tc.num_steps:
+          checkpoint_now(val)
+      if stop.signal and step < tc.num_steps:
+        checkpoint_now(force=True)
+        logging.warning('Stopped by %s at step %d; checkpoint saved. Run the same command to resume.',
+                        stop.signal, step)
+  finally:
+    manager.wait_until_finished()
+  if step >= tc.num_steps and last_val is not None and jax.process_index() == 0:
+    logging.info('Done: %d steps. Validation PSNR %.2f dB vs bicubic %.2f dB (%+.2f dB). '
+                 'Checkpoints in %s, curves in %s', step, last_val['val_psnr'],
+                 last_val['val_bicubic_psnr'], last_val['val_gain'],
+                 os.path.join(workdir, checkpoint.CHECKPOINT_DIR), os.path.join(workdir, PLOT_FILE))
+  return state
+
+
+def _format_seconds(seconds):
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
