@@ -1,9 +1,15 @@
 """Evaluation pairs made the standard way: bicubic downscale, fixed JPEG noise per level, bicubic baseline."""
 
+import argparse
 import io
+import json
+import os
+import sys
 
 import numpy as np
 from PIL import Image
+
+from w2x_jax import metrics as metrics_lib
 
 # JPEG qualities used to make the noisy input of each noise level at evaluation (fixed, so runs compare):
 # one encoding per quality, in order (levels 2 and 3 encode twice, as real re-saved images are).
@@ -41,3 +47,164 @@ def bicubic_upscale(lr_uint8, scale):
     return lr_uint8
   h, w = lr_uint8.shape[:2]
   return np.asarray(Image.fromarray(lr_uint8).resize((w * scale, h * scale), Image.Resampling.BICUBIC))
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation command: python -m w2x_jax.evaluate --model M --dataset DIR [--dataset DIR] ...
+
+HR_SUFFIX, LR_SUFFIX = '_HR', '_LR'
+COMPARE_IMAGES = 4  # images per side-by-side PNG
+COMPARE_CROP = 96  # high-resolution pixels per crop side
+
+
+def load_dataset(folder, scale, noise_level):
+  """[(name, model input uint8, ground truth uint8)] of a folder.
+
+  A file `X_HR.png` with a partner `X_LR.png` uses that low-resolution file (MATLAB-made in the
+  benchmark sets); otherwise the input is made by Pillow bicubic downscaling. The level's JPEG noise
+  is then applied to the input either way.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  from w2x_jax import data  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(folder):
+    raise data.DataError(f'{folder}: no such dataset folder')
+  paths = sorted(p for p in glob.glob(os.path.join(folder, '**', '*'), recursive=True)
+                 if os.path.splitext(p)[1].lower() in data.IMAGE_EXTENSIONS
+                 and not os.path.splitext(p)[0].endswith(LR_SUFFIX))
+  pairs = []
+  for path in paths:
+    stem, ext = os.path.splitext(path)
+    with Image.open(path) as im:
+      hr = crop_to_multiple(np.asarray(im.convert('RGB')), scale)
+    lr_path = stem[:-len(HR_SUFFIX)] + LR_SUFFIX + ext if stem.endswith(HR_SUFFIX) else None
+    if lr_path and scale > 1 and os.path.exists(lr_path):
+      with Image.open(lr_path) as im:
+        lr = np.asarray(im.convert('RGB'))
+      if lr.shape[0] * scale != hr.shape[0] or lr.shape[1] * scale != hr.shape[1]:
+        raise data.DataError(f'{lr_path}: {lr.shape[1]}x{lr.shape[0]} is not 1/{scale} of its '
+                             f'ground truth {hr.shape[1]}x{hr.shape[0]}')
+      for quality in EVAL_JPEG_QUALITIES[noise_level]:
+        lr = jpeg_roundtrip(lr, quality)
+    else:
+      lr = degrade_for_eval(hr, scale, noise_level)
+    pairs.append((os.path.relpath(path, folder), lr, hr))
+  if not pairs:
+    raise data.DataError(f'{folder}: no images')
+  return pairs
+
+
+def measure(output, target, scale):
+  """(PSNR, SSIM) on the Y channel with `scale` pixels cropped from every border."""
+  return (metrics_lib.psnr_y(output, target, border=scale),
+          metrics_lib.ssim_y(output, target, border=scale))
+
+
+def side_by_side(rows, scale):
+  """One PNG-able array: per image a row of (input enlarged nearest, bicubic, model, ground truth)."""
+  tiles = []
+  for lr, bicubic, output, hr in rows[:COMPARE_IMAGES]:
+    side = min(COMPARE_CROP, hr.shape[0], hr.shape[1]) // scale * scale
+    top = (hr.shape[0] - side) // 2 // scale * scale
+    left = (hr.shape[1] - side) // 2 // scale * scale
+    crop = lambda im, s=1: im[top // s:(top + side) // s, left // s:(left + side) // s]
+    nearest = np.repeat(np.repeat(crop(lr, scale), scale, 0), scale, 1)
+    gap = np.full((side, 4, 3), 255, np.uint8)
+    tiles.append(np.concatenate([nearest, gap, crop(bicubic), gap, crop(output), gap, crop(hr)], 1))
+  width = max(t.shape[1] for t in tiles)
+  tiles = [np.pad(t, ((0, 4), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
+  return np.concatenate(tiles, 0)
+
+
+def evaluate_dataset(predict, pairs, scale):
+  """Per-image and mean figures of the model and of the baseline on the same inputs."""
+  images, rows = [], []
+  for name, lr, hr in pairs:
+    baseline = bicubic_upscale(lr, scale)
+    output = predict(lr)
+    psnr, ssim = measure(output, hr, scale)
+    base_psnr, base_ssim = measure(baseline, hr, scale)
+    images.append(dict(image=name, psnr=psnr, ssim=ssim, baseline_psnr=base_psnr,
+                       baseline_ssim=base_ssim))
+    rows.append((lr, baseline, output, hr))
+  mean = lambda key: float(np.mean([r[key] for r in images]))
+  summary = dict(images=len(images), psnr=mean('psnr'), ssim=mean('ssim'),
+                 baseline_psnr=mean('baseline_psnr'), baseline_ssim=mean('baseline_ssim'))
+  summary['psnr_gain'] = summary['psnr'] - summary['baseline_psnr']
+  return summary, images, rows
+
+
+def make_predictor(model_name, tta, tile_size=None):
+  """(predict(lr uint8) -> uint8, scale, description) for a model name/folder, or 'bicubic'."""
+  if model_name == 'bicubic':
+    return None, None, 'bicubic'
+  from w2x_jax import inference  # pylint: disable=g-import-not-at-top
+  from w2x_jax import upscale  # pylint: disable=g-import-not-at-top
+  model, params, config = upscale.load_model(model_name)
+  upscaler = inference.Upscaler(params, config.model, model=model, tile_size=tile_size)
+
+  def predict(lr_uint8):
+    out = upscaler(lr_uint8.astype(np.float32) / 255.0, tta=tta)
+    return metrics_lib.to_uint8_range(out).astype(np.uint8)
+
+  return predict, int(config.model.scale), f'{model_name} ({config.model.name})'
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog='w2x_jax.evaluate', description='PSNR/SSIM (Y channel, border cropped) of a model and of '
+      'bicubic on the same inputs, per dataset.')
+  parser.add_argument('--model', '-m', required=True,
+                      help="a shipped model's name, a checkpoint or exported folder, or 'bicubic'")
+  parser.add_argument('--dataset', action='append', required=True, metavar='DIR',
+                      help='a folder of ground-truth images (X_HR.png + X_LR.png pairs are used as '
+                      'given); repeatable')
+  parser.add_argument('--noise-level', '-n', type=int, default=-1, choices=sorted(EVAL_JPEG_QUALITIES),
+                      help='JPEG noise on the input at fixed qualities per level: '
+                      + ', '.join(f'{k}: {list(v)}' for k, v in EVAL_JPEG_QUALITIES.items()))
+  parser.add_argument('--scale', type=int, default=2, help='for bicubic (models have their own)')
+  parser.add_argument('--tta', action='store_true', help='average the 8 flips and rotations')
+  parser.add_argument('--tile-size', type=int, default=None)
+  parser.add_argument('--json', metavar='FILE', help='write the figures as JSON')
+  parser.add_argument('--compare-dir', metavar='DIR', default=None,
+                      help='write a side-by-side PNG per dataset here (input, bicubic, model, truth)')
+  args = parser.parse_args(argv)
+
+  from w2x_jax import data  # pylint: disable=g-import-not-at-top
+  try:
+    predict, scale, description = make_predictor(args.model, args.tta, args.tile_size)
+  except Exception as e:  # pylint: disable=broad-except (a one-line error, never a traceback)
+    print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
+    return 1
+  scale = scale or args.scale
+  predict = predict or (lambda lr: bicubic_upscale(lr, scale))
+  baseline_name = 'bicubic' if scale > 1 else 'noisy input'
+  results = dict(model=description, scale=scale, noise_level=args.noise_level, tta=args.tta,
+                 baseline=baseline_name, datasets={})
+  print(f'{description}, scale {scale}, noise level {args.noise_level}'
+        f'{", TTA" if args.tta else ""}: PSNR/SSIM on Y, {scale} px border')
+  print(f'{"dataset":<12} {"images":>6} {"model PSNR":>11} {baseline_name + " PSNR":>14} {"gain":>7}'
+        f' {"model SSIM":>11} {baseline_name + " SSIM":>14}')
+  for folder in args.dataset:
+    try:
+      pairs = load_dataset(folder, scale, args.noise_level)
+    except (data.DataError, OSError) as e:
+      print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
+      return 1
+    name = os.path.basename(os.path.normpath(folder))
+    summary, images, rows = evaluate_dataset(predict, pairs, scale)
+    results['datasets'][name] = dict(summary, folder=os.path.abspath(folder), per_image=images)
+    print(f'{name:<12} {summary["images"]:>6} {summary["psnr"]:>11.3f} {summary["baseline_psnr"]:>14.3f}'
+          f' {summary["psnr_gain"]:>+7.3f} {summary["ssim"]:>11.4f} {summary["baseline_ssim"]:>14.4f}')
+    if args.compare_dir:
+      os.makedirs(args.compare_dir, exist_ok=True)
+      path = os.path.join(args.compare_dir, f'{name}_compare.png')
+      Image.fromarray(side_by_side(rows, scale)).save(path)
+      print(f'{"":<12} side by side (input, {baseline_name}, model, truth): {path}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -19,14 +19,33 @@ def _crop_border(image, border):
   return image[border:image.shape[0] - border, border:image.shape[1] - border] if border else image
 
 
-def psnr_y(output, target, border=0):
-  """PSNR (peak 255) on the Y channel of two RGB images in [0, 255], `border` pixels cropped per side."""
+def _y_pair(output, target, border, round_target=True):
+  """Y of output and target, borders cropped. The ground truth's Y is kept on the 8-bit grid, as
+  MATLAB's rgb2ycbcr returns it for a uint8 image: with that, Pillow bicubic on the benchmark's LR
+  files gives the published 33.66 / 30.32 / 29.55 dB (Set5 / Set14 / BSD100) to within 0.01 dB
+  (unrounded, Set5 would read 33.67). A consequence: an output equal to the target scores a finite
+  PSNR (the rounding error), not infinity."""
   a = _crop_border(rgb_to_y(output), border)
   b = _crop_border(rgb_to_y(target), border)
+  b = np.round(b) if round_target else b
   if a.shape != b.shape:
-    raise ValueError(f'psnr_y: shapes differ: {a.shape} vs {b.shape}')
+    raise ValueError(f'shapes differ: {a.shape} vs {b.shape}')
+  return a, b
+
+
+def psnr_y(output, target, border=0):
+  """PSNR (peak 255) on the Y channel of two RGB images in [0, 255], `border` pixels cropped per side."""
+  a, b = _y_pair(output, target, border)
   mse = np.mean((a - b) ** 2)
   return float('inf') if mse == 0 else float(10.0 * np.log10(255.0 ** 2 / mse))
+
+
+def ssim_y(output, target, border=0):
+  """SSIM on the Y channel as scikit-image computes it (gaussian window, sigma 1.5, K1 0.01, K2 0.03)."""
+  from skimage.metrics import structural_similarity  # pylint: disable=g-import-not-at-top
+  a, b = _y_pair(output, target, border, round_target=False)
+  return float(structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     data_range=255.0))
 
 
 def to_uint8_range(image01):

@@ -1,0 +1,94 @@
+"""The evaluation protocol: metrics by hand, the published bicubic figures, the command's outputs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import test as test_config
+from w2x_jax import checkpoint
+from w2x_jax import evaluate
+from w2x_jax import metrics
+from w2x_jax import models
+
+
+def test_y_and_psnr_by_hand():
+  assert metrics.rgb_to_y(np.full((1, 1, 3), 255.0))[0, 0] == pytest.approx(235.0)
+  assert metrics.rgb_to_y(np.zeros((1, 1, 3)))[0, 0] == pytest.approx(16.0)
+  a = np.full((12, 12, 3), 100.0)  # Y = 16 + 100 * 219 / 255 = 101.882...
+  b = a.copy()
+  b[4:8, 4:8] += 10  # Y = 110.470..., rounded to 110 (the target's Y is on the 8-bit grid)
+  ya, yb = 16 + 100 * 219 / 255, 16 + 110 * 219 / 255
+  # 16 of 144 pixels differ by (110 - ya), the other 128 by (102 - ya).
+  mse = (16 * (110 - ya) ** 2 + 128 * (102 - ya) ** 2) / 144
+  assert metrics.psnr_y(a, b) == pytest.approx(10 * np.log10(255 ** 2 / mse))
+  assert metrics.psnr_y(a, b, border=4) == pytest.approx(10 * np.log10(255 ** 2 / (110 - ya) ** 2))
+  assert round(yb) == 110
+  assert 50 < metrics.psnr_y(b, b) < 100  # only the 8-bit rounding of the target's Y
+  assert metrics.ssim_y(b, b) == pytest.approx(1.0)
+  assert metrics.ssim_y(a, b) < 0.9995
+
+
+def test_bicubic_reproduces_published_figures(shared_data):
+  expected = {'Set5': 33.66, 'Set14': 30.32, 'BSD100': 29.55}
+  for name, figure in expected.items():
+    pairs = evaluate.load_dataset(str(shared_data / 'benchmark' / name), 2, -1)
+    summary, _, _ = evaluate.evaluate_dataset(lambda lr: evaluate.bicubic_upscale(lr, 2), pairs, 2)
+    assert abs(summary['baseline_psnr'] - figure) <= 0.01, (name, summary['baseline_psnr'])
+
+
+def test_noise_levels_degrade_in_order():
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[0:64, 0:64] / 64
+  hr = (np.stack([np.sin(9 * xx), np.cos(7 * yy), xx * yy], -1) * 100 + 128
+        + rng.normal(0, 8, (64, 64, 3))).clip(0, 255).astype(np.uint8)
+  psnr = [metrics.psnr_y(evaluate.degrade_for_eval(hr, 1, n), hr) for n in (0, 1, 2, 3)]
+  assert psnr == sorted(psnr, reverse=True) and len(set(psnr)) == 4, psnr
+  assert evaluate.degrade_for_eval(hr, 2, -1).shape == (32, 32, 3)
+
+
+def _export_tiny(path, scale):
+  config = test_config.get_config(f'scale={scale}')
+  model = models.build_model(config.model)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))['params']
+  return checkpoint.export_model(path, params, config)
+
+
+def _dataset(folder, count=2, size=40):
+  folder.mkdir()
+  rng = np.random.default_rng(1)
+  for i in range(count):
+    Image.fromarray(rng.integers(0, 255, (size, size + 2 * i, 3), np.uint8)).save(folder / f'{i}.png')
+  return folder
+
+
+@pytest.mark.parametrize('scale, baseline', [(2, 'bicubic'), (1, 'noisy input')])
+def test_command_writes_table_json_and_picture(tmp_path, capsys, scale, baseline):
+  model_dir = _export_tiny(tmp_path / 'model', scale)
+  dataset = _dataset(tmp_path / 'mini')
+  out_json, compare = tmp_path / 'r.json', tmp_path / 'cmp'
+  code = evaluate.main(['--model', str(model_dir), '--dataset', str(dataset), '--noise-level', '1',
+                        '--json', str(out_json), '--compare-dir', str(compare)])
+  assert code == 0
+  table = capsys.readouterr().out
+  assert 'mini' in table and baseline in table
+  result = json.loads(out_json.read_text())
+  assert result['scale'] == scale and result['noise_level'] == 1 and result['baseline'] == baseline
+  mini = result['datasets']['mini']
+  assert mini['images'] == 2 and len(mini['per_image']) == 2
+  assert mini['psnr_gain'] == pytest.approx(mini['psnr'] - mini['baseline_psnr'])
+  assert 0 < mini['ssim'] <= 1 and np.isfinite(mini['psnr'])
+  picture = np.asarray(Image.open(compare / 'mini_compare.png'))
+  assert picture.shape[1] == 4 * 40 + 3 * 4  # input, baseline, model, truth side by side
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+  assert evaluate.main(['--model', 'bicubic', '--dataset', str(tmp_path / 'none')]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'no such dataset folder' in err[0]
+  assert evaluate.main(['--model', str(tmp_path / 'nomodel'), '--dataset', str(tmp_path)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'nomodel' in err[0]

@@ -1,0 +1,229 @@
+"""image_io: a round trip for each image mode (mode, size, alpha, ICC, EXIF, 16 bits), atomic
+writes, clear errors."""
+
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, ImageOps
+
+from w2x_jax import image_io
+
+SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile('sRGB')).tobytes()
+
+
+def _rng(seed=0):
+  return np.random.default_rng(seed)
+
+
+def _png16(path, data, colour_type):
+  """An independent 16-bit PNG writer (filter 'None' on every row) for ground truth."""
+  h, w = data.shape[:2]
+  raw = data.astype('>u2').reshape(h, -1).view(np.uint8)
+  body = np.concatenate([np.zeros((h, 1), np.uint8), raw], 1).tobytes()
+
+  def chunk(kind, d):
+    return struct.pack('>I', len(d)) + kind + d + struct.pack('>I', zlib.crc32(kind + d))
+  with open(path, 'wb') as f:
+    f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, colour_type,
+                                                              0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(body)) + chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('mode', ['RGB', 'RGBA', 'L', 'LA'])
+def test_8bit_round_trip_keeps_mode_size_alpha_icc(tmp_path, mode):
+  channels = len(mode)
+  data = _rng().integers(0, 256, (5, 7, channels), dtype=np.uint8)
+  src = tmp_path / 'in.png'
+  Image.fromarray(data[..., 0] if channels == 1 else data).save(src, icc_profile=SRGB_ICC)
+  image, info = image_io.read_image(src)
+  assert image.dtype == np.float32 and image.shape == (5, 7, channels)
+  assert info == image_io.ImageInfo(mode, channels, 8, SRGB_ICC, 'PNG')
+  assert info.has_alpha == (channels in (2, 4))
+  np.testing.assert_array_equal(image_io.to_uint(image, 8), data)
+  out = tmp_path / 'out.png'
+  image_io.write_image(out, image, info)
+  with Image.open(out) as im:
+    assert (im.mode, im.size, im.info.get('icc_profile')) == (mode, (7, 5), SRGB_ICC)
+    np.testing.assert_array_equal(np.asarray(im).reshape(5, 7, channels), data)
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+  data = _rng().integers(0, 4, (6, 5), dtype=np.uint8)
+  im = Image.fromarray(data, 'P')
+  im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 20, 30])
+  im.save(tmp_path / 'opaque.png')
+  im.save(tmp_path / 'trns.png', transparency=2)
+  image, info = image_io.read_image(tmp_path / 'opaque.png')
+  assert (info.mode, info.channels, image.shape) == ('P', 3, (6, 5, 3))
+  np.testing.assert_array_equal(image_io.to_uint(image[data == 3], 8),
+                                [[10, 20, 30]] * (data == 3).sum())
+  image, info = image_io.read_image(tmp_path / 'trns.png')
+  assert (info.mode, info.channels, info.has_alpha) == ('P', 4, True)
+  np.testing.assert_array_equal(image[..., 3], (data != 2).astype(np.float32))
+  image_io.write_image(tmp_path / 'out.png', image, info)
+  with Image.open(tmp_path / 'out.png') as out:
+    assert out.mode == 'RGBA'
+    np.testing.assert_array_equal(np.asarray(out)[..., 3], np.where(data == 2, 0, 255))
+
+
+def test_gray_and_rgb_with_trns_colour_get_alpha(tmp_path):
+  gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+  Image.fromarray(gray).save(tmp_path / 'l.png', transparency=40)
+  image, info = image_io.read_image(tmp_path / 'l.png')
+  assert info.channels == 2
+  np.testing.assert_array_equal(image[..., 1], (gray != 40).astype(np.float32))
+
+
+def test_bilevel_becomes_gray(tmp_path):
+  Image.fromarray(np.eye(4, dtype=bool)).save(tmp_path / 'b.png')
+  image, info = image_io.read_image(tmp_path / 'b.png')
+  assert (info.mode, info.channels) == ('1', 1)
+  np.testing.assert_array_equal(image[..., 0], np.eye(4))
+
+
+def test_16bit_gray_round_trip(tmp_path):
+  data = _rng().integers(0, 65536, (4, 6), dtype=np.uint16)
+  Image.fromarray(data).save(tmp_path / 'g16.png')
+  image, info = image_io.read_image(tmp_path / 'g16.png')
+  assert (info.bit_depth, info.channels) == (16, 1)
+  np.testing.assert_array_equal(image_io.to_uint(image, 16)[..., 0], data)
+  image_io.write_image(tmp_path / 'out.png', image, info)
+  with Image.open(tmp_path / 'out.png') as im:
+    assert im.mode == 'I;16'
+    np.testing.assert_array_equal(np.asarray(im), data)
+  # To a format without 16 bits: rounded to 8.
+  image_io.write_image(tmp_path / 'out.webp', image, info, quality=100)
+  with Image.open(tmp_path / 'out.webp') as im:
+    np.testing.assert_array_equal(np.asarray(im)[..., 0], image_io.to_uint(data, 8))
+
+
+@pytest.mark.parametrize('colour_type,channels', [(2, 3), (6, 4), (4, 2)])
+def test_16bit_colour_round_trip(tmp_path, colour_type, channels):
+  data = _rng(colour_type).integers(0, 65536, (5, 9, channels), dtype=np.uint16)
+  _png16(tmp_path / 'in.png', data, colour_type)
+  image, info = image_io.read_image(tmp_path / 'in.png')
+  assert (info.bit_depth, info.channels) == (16, channels)
+  np.testing.assert_array_equal(image_io.to_uint(image, 16), data)  # the low bytes too
+  out = tmp_path / 'out.png'
+  image_io.write_image(out, image, image_io.ImageInfo(info.mode, channels, 16, SRGB_ICC, 'PNG'))
+  back, back_info = image_io.read_image(out)
+  assert back_info.bit_depth == 16 and back_info.icc_profile == SRGB_ICC
+  np.testing.assert_array_equal(image_io.to_uint(back, 16), data)
+  with Image.open(out) as im:  # Pillow (8 bits) reads our file too: the high bytes
+    assert im.size == (9, 5)
+    if channels != 2:
+      np.testing.assert_array_equal(np.asarray(im), data >> 8)
+
+
+def test_16bit_rgb_trns_colour(tmp_path):
+  data = _rng().integers(0, 65536, (3, 4, 3), dtype=np.uint16)
+  data[1, 2] = (1, 2, 3)
+  _png16(tmp_path / 'in.png', data, 2)
+  # Pillow cannot write 16-bit RGB: splice a tRNS chunk (one transparent colour) in by hand.
+  raw = (tmp_path / 'in.png').read_bytes()
+  at = raw.index(b'IDAT') - 4
+  d = struct.pack('>HHH', 1, 2, 3)
+  trns = struct.pack('>I', 6) + b'tRNS' + d + struct.pack('>I', zlib.crc32(b'tRNS' + d))
+  (tmp_path / 'in.png').write_bytes(raw[:at] + trns + raw[at:])
+  image, info = image_io.read_image(tmp_path / 'in.png')
+  assert info.channels == 4
+  want = np.ones((3, 4), np.float32)
+  want[1, 2] = 0
+  np.testing.assert_array_equal(image[..., 3], want)
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_exif_orientation_applied(tmp_path, orientation):
+  data = _rng().integers(0, 256, (3, 5, 3), dtype=np.uint8)
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  Image.fromarray(data).save(tmp_path / 'o.png', exif=exif)
+  image, _ = image_io.read_image(tmp_path / 'o.png')
+  with Image.open(tmp_path / 'o.png') as im:
+    want = np.asarray(ImageOps.exif_transpose(im))
+  assert image.shape[:2] == ((5, 3) if orientation >= 5 else (3, 5))
+  np.testing.assert_array_equal(image_io.to_uint(image, 8), want)
+
+
+def test_exif_orientation_16bit_colour(tmp_path):
+  data = _rng().integers(0, 65536, (3, 5, 3), dtype=np.uint16)
+  _png16(tmp_path / 'in.png', data, 2)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # rotate 270 (clockwise 90) to view
+  raw = (tmp_path / 'in.png').read_bytes()
+  at = raw.index(b'IEND') - 4
+  d = exif.tobytes()
+  chunk = struct.pack('>I', len(d)) + b'eXIf' + d + struct.pack('>I', zlib.crc32(b'eXIf' + d))
+  (tmp_path / 'in.png').write_bytes(raw[:at] + chunk + raw[at:])
+  image, info = image_io.read_image(tmp_path / 'in.png')
+  assert info.bit_depth == 16
+  np.testing.assert_array_equal(image_io.to_uint(image, 16), np.rot90(data, -1))
+
+
+def test_cmyk_converted(tmp_path):
+  cmyk = _rng().integers(0, 256, (4, 6, 4), dtype=np.uint8)
+  Image.fromarray(cmyk, 'CMYK').save(tmp_path / 'c.tif')
+  image, info = image_io.read_image(tmp_path / 'c.tif')
+  assert (info.mode, info.channels, image.shape) == ('CMYK', 3, (4, 6, 3))
+  with Image.open(tmp_path / 'c.tif') as im:
+    np.testing.assert_array_equal(image_io.to_uint(image, 8), np.asarray(im.convert('RGB')))
+
+
+def test_jpeg_icc_and_alpha_refused(tmp_path):
+  image = _rng().random((8, 8, 4), dtype=np.float32)
+  info = image_io.ImageInfo('RGBA', 4, 8, SRGB_ICC, 'PNG')
+  with pytest.raises(image_io.ImageError, match='JPEG cannot store alpha'):
+    image_io.write_image(tmp_path / 'a.jpg', image, info)
+  assert os.listdir(tmp_path) == []
+  flat = image_io.composite(image, image_io.parse_color('white'))
+  np.testing.assert_allclose(flat, image[..., :3] * image[..., 3:] + (1 - image[..., 3:]))
+  image_io.write_image(tmp_path / 'a.jpg', flat, info, quality=95)
+  with Image.open(tmp_path / 'a.jpg') as im:
+    assert (im.format, im.mode, im.info.get('icc_profile')) == ('JPEG', 'RGB', SRGB_ICC)
+  gray = image_io.composite(image[..., 2:], (1.0, 1.0, 1.0))
+  assert gray.shape == (8, 8, 1)
+
+
+def test_atomic_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+  target = tmp_path / 'x.png'
+  target.write_bytes(b'old')
+
+  def broken(f):
+    f.write(b'partial')
+    raise OSError(28, 'No space left on device')
+  with pytest.raises(image_io.ImageError, match='x.png: cannot write: No space left'):
+    image_io.atomic_write(target, broken)
+  assert target.read_bytes() == b'old'
+  assert os.listdir(tmp_path) == ['x.png']
+  with pytest.raises(image_io.ImageError, match='cannot write'):
+    image_io.write_image(tmp_path / 'missing' / 'y.png', np.zeros((2, 2, 3)))
+  image_io.write_image(target, np.zeros((2, 2, 3)))
+  assert os.listdir(tmp_path) == ['x.png']
+  assert oct(os.stat(target).st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+
+
+def test_unreadable_files_give_one_line_errors(tmp_path):
+  (tmp_path / 'notes.png').write_text('not an image')
+  with pytest.raises(image_io.ImageError, match=r'notes.png: cannot read: not an image') as e:
+    image_io.read_image(tmp_path / 'notes.png')
+  assert '\n' not in str(e.value)
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / 'full.png')
+  (tmp_path / 'cut.png').write_bytes((tmp_path / 'full.png').read_bytes()[:60])
+  with pytest.raises(image_io.ImageError, match='cut.png: cannot read'):
+    image_io.read_image(tmp_path / 'cut.png')
+  with pytest.raises(image_io.ImageError, match='gone.png: cannot read'):
+    image_io.read_image(tmp_path / 'gone.png')
+
+
+def test_output_format_and_dtype():
+  assert image_io.output_format('a.JPG') == 'jpeg'
+  assert image_io.output_format('a.png', 'webp') == 'webp'
+  with pytest.raises(image_io.ImageError, match='output format'):
+    image_io.output_format('a.bmp')
+  info16 = image_io.ImageInfo('I;16', 1, 16)
+  assert image_io.output_dtype(info16, 'png') == np.uint16
+  assert image_io.output_dtype(info16, 'jpeg') == np.uint8
+  assert image_io.to_uint(np.array([65535, 0, 32896], np.uint16), 8).tolist() == [255, 0, 128]

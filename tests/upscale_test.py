@@ -1,0 +1,229 @@
+"""The upscale command: single files, folders with bad files and unwritable outputs, lists, skip and
+overwrite, exit codes, model choice per -n/-s, modes kept, JPEG and alpha, missing shipped model."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from configs import test as test_config
+from w2x_jax import checkpoint
+from w2x_jax import models
+from w2x_jax import upscale
+
+SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile('sRGB')).tobytes()
+FAST = ['--tile-size', '32', '--batch-size', '4']
+
+
+def _export(path, scale):
+  config = test_config.get_config(f'scale={scale}')
+  model = models.build_model(config.model)
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))['params']
+  params = jax.tree.map(np.asarray, params)
+  params['final']['kernel'] = params['final']['kernel'] * 0.05  # near the skip: sane outputs
+  return checkpoint.export_model(path, params, config)
+
+
+@pytest.fixture(scope='module')
+def model_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('models')
+  return {'2x': str(_export(root / 'tiny2x', 2)), '1x': str(_export(root / 'tiny1x', 1))}
+
+
+@pytest.fixture(scope='module')
+def loaded(model_dirs):
+  return {k: checkpoint.restore_model(v) for k, v in model_dirs.items()}
+
+
+def _png(path, shape, seed=0, **save_kw):
+  data = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(data).save(path, **save_kw)
+  return data
+
+
+def _run(capsys, *argv, **kw):
+  code = upscale.main([*map(str, argv)], **kw)
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def _tmp_files(root):
+  return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith('.tmp')]
+
+
+def test_single_file_device_line_and_progress(tmp_path, capsys, model_dirs):
+  _png(tmp_path / 'a.png', (6, 9, 3), icc_profile=SRGB_ICC)
+  _png(tmp_path / 'big.png', (70, 90, 3))  # 4 x 5 tiles of 20 + margins: a tile bar too
+  code, out, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '-m',
+                        model_dirs['2x'], *FAST)
+  assert code == 0
+  assert out.strip() == '1 done, 0 skipped, 0 failed'
+  assert err.count('running on 4 device(s)') == 1
+  assert '1/1' in err and 'file' in err and 'tile' not in err
+  with Image.open(tmp_path / 'b.png') as im:
+    assert (im.size, im.mode, im.info.get('icc_profile')) == ((18, 12), 'RGB', SRGB_ICC)
+  code, out, err = _run(capsys, '-i', tmp_path / 'big.png', '-o', f'{tmp_path / "out"}{os.sep}',
+                        '-m', model_dirs['2x'], '-f', 'webp', *FAST)
+  assert code == 0 and '/20 [' in err and 'tile/s' in err
+  with Image.open(tmp_path / 'out' / 'big.webp') as im:
+    assert (im.format, im.size) == ('WEBP', (180, 140))
+
+
+def test_folder_with_bad_files_mirrors_tree(tmp_path, capsys, model_dirs):
+  src, dst = tmp_path / 'in', tmp_path / 'out'
+  _png(src / 'top.png', (5, 7, 3))
+  _png(src / 'a' / 'b' / 'deep.png', (4, 4, 3), seed=1)
+  Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(src / 'a' / 'photo.jpg', quality=90)
+  (src / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\x00' * 40)
+  (src / 'notes.txt').write_text('not an image: ignored in folders')
+  _png(src / 'blocked' / 'x.png', (4, 4, 3))
+  os.makedirs(dst)
+  (dst / 'blocked').write_text('a file where the output folder should be')
+  code, out, err = _run(capsys, '-i', src, '-o', dst, '-m', model_dirs['2x'], '--quiet', *FAST)
+  assert code == 1
+  assert out.strip() == '3 done, 0 skipped, 2 failed'
+  lines = err.strip().splitlines()
+  assert len(lines) == 2, err  # quiet: only the two failures, one line each
+  assert any('corrupt.png: cannot read' in l for l in lines)
+  assert any(os.path.join('blocked', 'x.png') in l and 'cannot write' in l for l in lines)
+  assert sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst)
+                for f in fs) == ['a/b/deep.png', 'a/photo.png', 'blocked', 'top.png']
+  with Image.open(dst / 'a' / 'b' / 'deep.png') as im:
+    assert im.size == (8, 8)
+  assert not _tmp_files(tmp_path)
+
+  # Again: existing outputs are skipped; with --overwrite they are redone.
+  code, out, _ = _run(capsys, '-i', src, '-o', dst, '-m', model_dirs['2x'], '--quiet', *FAST)
+  assert (code, out.strip()) == (1, '0 done, 3 skipped, 2 failed')
+  os.utime(dst / 'top.png', ns=(0, 0))
+  code, out, _ = _run(capsys, '-i', src, '-o', dst, '-m', model_dirs['2x'], '--quiet',
+                      '--overwrite', *FAST)
+  assert (code, out.strip()) == (1, '3 done, 0 skipped, 2 failed')
+  assert os.stat(dst / 'top.png').st_mtime_ns != 0  # rewritten
+  os.remove(src / 'corrupt.png')
+  os.remove(dst / 'blocked')
+  code, out, _ = _run(capsys, '-i', src, '-o', dst, '-m', model_dirs['2x'], '--quiet', *FAST)
+  assert (code, out.strip()) == (0, '1 done, 3 skipped, 0 failed')
+
+
+def test_list_file_and_own_output(tmp_path, capsys, model_dirs):
+  _png(tmp_path / 'p' / 'one.png', (3, 5, 3))
+  (tmp_path / 'p' / 'data.bin').write_bytes(os.urandom(64))
+  (tmp_path / 'list.txt').write_text('# inputs\np/one.png\n\np/data.bin\np/missing.png\n')
+  code, out, err = _run(capsys, '-i', tmp_path / 'list.txt', '-o', tmp_path / 'o', '-m',
+                        model_dirs['2x'], *FAST)
+  assert (code, out.strip()) == (1, '1 done, 0 skipped, 2 failed')
+  assert 'data.bin: cannot read: not an image' in err
+  assert 'missing.png: cannot read' in err
+  assert os.listdir(tmp_path / 'o') == ['one.png']
+  # An input that is its own output is refused, and left alone.
+  before = (tmp_path / 'p' / 'one.png').read_bytes()
+  code, out, err = _run(capsys, '-i', tmp_path / 'p' / 'one.png', '-o', tmp_path / 'p' / 'one.png',
+                        '-m', model_dirs['2x'], '--overwrite', '--quiet', *FAST)
+  assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
+  assert 'is its own output' in err
+  assert (tmp_path / 'p' / 'one.png').read_bytes() == before
+
+
+def test_modes_kept_through_the_command(tmp_path, capsys, model_dirs):
+  src = tmp_path / 'in'
+  rng = np.random.default_rng(0)
+  _png(src / 'gray.png', (5, 6))
+  la = rng.integers(0, 256, (5, 6, 2), dtype=np.uint8)
+  Image.fromarray(la).save(src / 'la.png')
+  rgba = rng.integers(0, 256, (4, 7, 4), dtype=np.uint8)
+  rgba[..., 3] = 255
+  rgba[0, :, 3] = 0  # a hidden row: its colour is filled before the model sees it
+  Image.fromarray(rgba).save(src / 'rgba.png')
+  g16 = rng.integers(0, 65536, (3, 4), dtype=np.uint16)
+  Image.fromarray(g16).save(src / 'g16.png')
+  pal = Image.fromarray(rng.integers(0, 3, (4, 4), dtype=np.uint8), 'P')
+  pal.putpalette([0, 0, 0, 255, 255, 255, 255, 0, 0])
+  pal.save(src / 'pal.png', transparency=0)
+  code, out, _ = _run(capsys, '-i', src, '-o', tmp_path / 'out', '-m', model_dirs['2x'], *FAST)
+  assert (code, out.strip()) == (0, '5 done, 0 skipped, 0 failed')
+  want = {'gray.png': ('L', (12, 10)), 'la.png': ('LA', (12, 10)), 'rgba.png': ('RGBA', (14, 8)),
+          'g16.png': ('I;16', (8, 6)), 'pal.png': ('RGBA', (8, 8))}
+  for name, (mode, size) in want.items():
+    with Image.open(tmp_path / 'out' / name) as im:
+      assert (im.mode, im.size) == (mode, size), name
+      if name == 'rgba.png':
+        alpha = np.asarray(im)[..., 3]
+        assert alpha[0].max() < 64 and alpha[4:].min() > 240  # alpha went through the model
+
+
+def test_model_choice_for_noise_and_scale(tmp_path, capsys, loaded):
+  asked = []
+
+  def fake_load(name):
+    asked.append(name)
+    return loaded['1x' if name.startswith('noise') else '2x']
+  _png(tmp_path / 'a.png', (5, 3, 3))
+
+  def run(*extra):
+    asked.clear()
+    code, _, _ = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '--overwrite',
+                      '--quiet', *FAST, *extra, load_model_fn=fake_load)
+    assert code == 0
+    with Image.open(tmp_path / 'b.png') as im:
+      return im.size
+  assert run('-n', '1', '-s', '4') == (12, 20)
+  assert asked == ['scale2x_noise1', 'scale2x_noisenone']
+  assert run('-n', '-1', '-s', '2') == (6, 10)
+  assert asked == ['scale2x_noisenone']
+  assert run('-n', '3', '-s', '1') == (3, 5)
+  assert asked == ['noise3']
+  assert run('-n', '-1', '-s', '1') == (3, 5) and asked == []  # nothing to do but convert
+  assert run('-n', '2', '--width', '11') == (11, round(5 * 11 / 3))  # 2 passes, then down
+  assert asked == ['scale2x_noise2', 'scale2x_noisenone']
+  assert run('-n', '0', '--width', '4', '--height', '9') == (4, 9)
+  assert asked == ['scale2x_noise0']
+  assert run('--tta') == (6, 10)
+  assert asked == ['scale2x_noise0']  # -n 0 and -s 2 by default, as waifu2x's
+  # -m: that model does every pass; without -s, once.
+  assert run('-m', 'noise1') == (3, 5) and asked == ['noise1']
+  assert run('-m', 'scale2x_noise3', '-s', '4') == (12, 20) and asked == ['scale2x_noise3']
+  code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'c.png', '-m', 'noise1',
+                      '-s', '2', '--quiet', load_model_fn=fake_load)
+  assert code == 1 and 'cannot upscale' in err
+
+
+def test_missing_shipped_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(upscale, 'WEIGHTS_DIR', str(tmp_path / 'no_weights'))
+  _png(tmp_path / 'a.png', (4, 4, 3))
+  code, out, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '-n', '1',
+                        '--quiet')
+  assert code == 1 and out == ''
+  assert err.strip().splitlines() == [
+      f"w2x_jax.upscale: shipped model 'scale2x_noise1' is not installed "
+      f"({tmp_path / 'no_weights' / 'scale2x_noise1'}); pass -m CHECKPOINT_DIR (an exported "
+      "model folder or a training workdir)"]
+  assert not os.path.exists(tmp_path / 'b.png')
+  code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '-m',
+                      tmp_path / 'nowhere', '--quiet')
+  assert code == 1 and 'no such model folder' in err
+
+
+def test_jpeg_alpha_refused_or_composited_and_bad_args(tmp_path, capsys, model_dirs):
+  rgba = np.zeros((4, 4, 4), np.uint8)
+  rgba[..., 3] = 0
+  rgba[1:3, 1:3] = 255
+  Image.fromarray(rgba).save(tmp_path / 'a.png')
+  code, out, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'a.jpg', '-m',
+                        model_dirs['2x'], '--quiet', *FAST)
+  assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
+  assert 'JPEG cannot store' in err and '--background' in err
+  code, out, _ = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'a.jpg', '-m',
+                      model_dirs['2x'], '--quiet', '--background', 'white', '-q', '95', *FAST)
+  assert code == 0
+  with Image.open(tmp_path / 'a.jpg') as im:
+    assert (im.format, im.mode, im.size) == ('JPEG', 'RGB', (8, 8))
+    assert np.asarray(im)[0, 0].min() > 240  # transparent corner over white
+  code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'a.bmp', '--quiet')
+  assert code == 2 and 'output format' in err
+  with pytest.raises(SystemExit) as e:
+    upscale.main(['-i', 'x', '-o', 'y', '-s', '3'])
+  assert e.value.code == 2

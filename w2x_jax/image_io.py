@@ -1,0 +1,317 @@
+"""Reading and writing images as people have them.
+
+`read_image` gives a float32 HxWxC array in [0, 1] with C = 1 (gray), 2 (gray + alpha), 3 (RGB) or
+4 (RGBA), plus an `ImageInfo` that `write_image` uses to write the result back alike:
+- EXIF orientation is applied (the pixels are turned, the tag is not carried);
+- palette images become RGB, or RGBA when they have transparency (a tRNS colour in L/RGB images
+  becomes an alpha channel too); bilevel becomes gray; CMYK is converted to RGB through its ICC
+  profile when it has one (the output then carries sRGB), else with Pillow's plain formula;
+- 16-bit PNGs stay 16-bit: gray through Pillow's 'I;16'; RGB, RGBA and gray + alpha, which Pillow
+  only reads as 8-bit, by decoding the file twice with Pillow's own PNG decoder, once for the high
+  and once for the low byte of each sample (`_read_png16`), and written by a small PNG encoder here
+  (`_write_png16`), since Pillow has no 16-bit colour modes. Other 16-bit colour files (TIFF) are
+  read at 8 bits, as Pillow gives them;
+- the ICC profile is carried into the output;
+- only the first frame of animations is read.
+`write_image` writes PNG, WebP or JPEG atomically: a temporary file in the same folder, renamed
+over the target only when complete. JPEG cannot store alpha: such images are refused (see
+`composite`). WebP has no gray mode: Pillow stores gray as RGB.
+"""
+
+import dataclasses
+import io
+import os
+import secrets
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image, ImageCms, ImageColor, ImageOps
+
+FORMATS = {'png': 'PNG', 'webp': 'WEBP', 'jpeg': 'JPEG'}
+SUFFIXES = {'png': '.png', 'webp': '.webp', 'jpeg': '.jpg'}
+_SUFFIX_FORMATS = {'.png': 'png', '.webp': 'webp', '.jpg': 'jpeg', '.jpeg': 'jpeg'}
+DEFAULT_QUALITY = 90
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_PNG16_COLOUR_TYPES = {2: 'RGB;16', 4: 'LA;16', 6: 'RGBA;16'}  # 16-bit ones Pillow reads as 8-bit
+_MODES_16 = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+_CHANNEL_MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}
+
+
+class ImageError(Exception):
+  """A file that cannot be read or written; the message is one line naming it and the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+  """What the file was, so that the output can be written alike."""
+  mode: str  # the file's mode as Pillow opened it ('RGB', 'P', 'I;16', 'CMYK', 'RGB;16', ...)
+  channels: int  # of the array read_image returns: 1, 2, 3 or 4
+  bit_depth: int = 8  # 8 or 16
+  icc_profile: bytes | None = None
+  format: str | None = None  # Pillow's name of the source format ('PNG', 'JPEG', ...)
+
+  @property
+  def has_alpha(self):
+    return self.channels in (2, 4)
+
+
+def _reason(e):
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def output_format(path, format=None):
+  """'png' | 'webp' | 'jpeg': `format` (jpg allowed), else from the path's suffix."""
+  if format:
+    fmt = {'jpg': 'jpeg'}.get(format.lower(), format.lower())
+    if fmt not in FORMATS:
+      raise ImageError(f'{path}: unknown output format {format!r} (png, webp or jpeg)')
+    return fmt
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in _SUFFIX_FORMATS:
+    raise ImageError(f'{path}: cannot tell the output format from {suffix or "no suffix"!r} '
+                     '(use .png, .webp, .jpg or a format option)')
+  return _SUFFIX_FORMATS[suffix]
+
+
+def output_dtype(info, format):
+  """The integer dtype an output of `format` gets: 16 bits only for 16-bit sources to PNG."""
+  return np.uint16 if format == 'png' and info is not None and info.bit_depth == 16 else np.uint8
+
+
+# Reading.
+
+def _png_ihdr(path):
+  """(bit depth, colour type) of a PNG, from its header."""
+  with open(path, 'rb') as f:
+    head = f.read(26)
+  if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[12:16] != b'IHDR':
+    raise ImageError(f'{path}: cannot read: broken PNG header')
+  return head[24], head[25]
+
+
+def _decode(path, rawmode=None):
+  """The first frame, oriented; with `rawmode`, Pillow's PNG decoder unpacks into another layout
+  of the same bits per pixel (so its row filters are undone the same way)."""
+  with Image.open(path) as im:
+    if rawmode is not None:
+      im.tile = [t._replace(args=rawmode) for t in im.tile]
+    im.load()
+    return ImageOps.exif_transpose(im), im.info
+
+
+def _read_png16(path, colour_type):
+  """16-bit RGB, RGBA or gray + alpha PNG -> (uint16 HxWxC, Pillow info)."""
+  if colour_type == 4:  # gray + alpha: 4 bytes a pixel, unpacked as if RGBA: L hi, L lo, A hi, A lo
+    im, info = _decode(path, 'RGBA')
+    b = np.asarray(im).astype(np.uint16)
+    return np.stack([b[..., 0] << 8 | b[..., 1], b[..., 2] << 8 | b[..., 3]], -1), info
+  raw = 'RGB' if colour_type == 2 else 'RGBA'
+  hi, info = _decode(path)  # Pillow keeps the high bytes (';16B')
+  lo, _ = _decode(path, f'{raw};16L')  # the little-endian unpacker picks the other byte
+  data = np.asarray(hi).astype(np.uint16) << 8
+  data |= np.asarray(lo)
+  return data, info
+
+
+def _cmyk_to_rgb(im):
+  """(RGB image, ICC profile of the result): through the file's profile when it has one."""
+  icc = im.info.get('icc_profile')
+  if icc:
+    try:
+      srgb = ImageCms.createProfile('sRGB')
+      out = ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb,
+                                      outputMode='RGB')
+      return out, ImageCms.ImageCmsProfile(srgb).tobytes()
+    except (ImageCms.PyCMSError, OSError, ValueError):
+      pass  # a broken profile: fall back to the plain conversion
+  return im.convert('RGB'), None
+
+
+def _to_float(data, maxval):
+  out = np.asarray(data, np.float32)
+  out *= np.float32(1.0 / maxval)
+  return out if out.ndim == 3 else out[..., None]
+
+
+def _has_transparency(im):
+  """An alpha band, a tRNS colour or palette alphas (Pillow's has_transparency_data, which
+  changed from a method to a property across versions)."""
+  if im.mode in ('LA', 'La', 'PA', 'RGBA', 'RGBa') or 'transparency' in im.info:
+    return True
+  return im.mode == 'P' and im.palette is not None and im.palette.mode == 'RGBA'
+
+
+def _read(path, im):
+  fmt, mode = im.format, im.mode
+  icc = im.info.get('icc_profile') or None
+  if fmt == 'PNG':
+    depth, colour_type = _png_ihdr(path)
+    if depth == 16 and colour_type in _PNG16_COLOUR_TYPES:
+      data, info = _read_png16(path, colour_type)
+      trns = info.get('transparency')
+      if colour_type == 2 and isinstance(trns, tuple):  # one transparent colour
+        alpha = np.where((data == np.array(trns, np.uint16)).all(-1), 0, 65535).astype(np.uint16)
+        data = np.concatenate([data, alpha[..., None]], -1)
+      image = _to_float(data, 65535)
+      return image, ImageInfo(_PNG16_COLOUR_TYPES[colour_type], image.shape[-1], 16, icc, fmt)
+  im.load()  # decoding errors surface here
+  im = ImageOps.exif_transpose(im)
+  if mode in _MODES_16 or mode == 'F':
+    raw = np.asarray(im)
+    image = np.clip(_to_float(raw, 1 if mode == 'F' else 65535), 0, 1)
+    trns = im.info.get('transparency')
+    if isinstance(trns, int) and mode != 'F':
+      image = np.concatenate([image, (raw != trns).astype(np.float32)[..., None]], -1)
+    return image, ImageInfo(mode, image.shape[-1], 16, icc, fmt)
+  if mode == 'CMYK':
+    im, icc = _cmyk_to_rgb(im)
+  elif mode in ('1', 'L', 'LA', 'La'):
+    im = im.convert('LA' if _has_transparency(im) else 'L')
+  else:  # P, PA, RGB, RGBA, RGBa, RGBX, YCbCr, LAB, HSV
+    im = im.convert('RGBA' if _has_transparency(im) else 'RGB')
+  image = _to_float(im, 255)
+  return image, ImageInfo(mode, image.shape[-1], 8, icc, fmt)
+
+
+def read_image(path):
+  """(float32 HxWxC in [0, 1], ImageInfo); ImageError with a one-line reason if unreadable."""
+  path = os.fspath(path)
+  try:
+    with Image.open(path) as im:
+      return _read(path, im)
+  except ImageError:
+    raise
+  except Image.UnidentifiedImageError as e:
+    raise ImageError(f'{path}: cannot read: not an image file Pillow knows') from e
+  except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+          Image.DecompressionBombError, MemoryError) as e:
+    raise ImageError(f'{path}: cannot read: {_reason(e)}') from e
+
+
+# Writing.
+
+def to_uint(image, bits):
+  """float [0, 1] or uint8/uint16 -> uint8 (bits=8) or uint16 (bits=16), rounding."""
+  image = np.asarray(image)
+  if image.dtype == np.uint8:
+    return image if bits == 8 else image.astype(np.uint16) * np.uint16(257)
+  if image.dtype == np.uint16:
+    if bits == 16:
+      return image
+    return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+  dtype = np.uint8 if bits == 8 else np.uint16
+  return np.rint(np.clip(image, 0, 1) * np.iinfo(dtype).max).astype(dtype)
+
+
+def _chunk(f, kind, data):
+  f.write(struct.pack('>I', len(data)) + kind + data
+          + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+
+
+def _write_png16(f, data, icc=None, rows=64):
+  """A 16-bit PNG of uint16 HxWxC (C = 1..4), compressed in strips of `rows` (bounded memory)."""
+  h, w, c = data.shape
+  colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+  f.write(PNG_SIGNATURE)
+  _chunk(f, b'IHDR', struct.pack('>IIBBBBB', w, h, 16, colour_type, 0, 0, 0))
+  if icc:
+    _chunk(f, b'iCCP', b'icc\x00\x00' + zlib.compress(icc))
+  bpp = 2 * c
+  z = zlib.compressobj(6)
+  pending = []
+  for y in range(0, h, rows):
+    raw = data[y:y + rows].astype('>u2').view(np.uint8).reshape(-1, w * bpp)
+    filtered = np.empty((raw.shape[0], w * bpp + 1), np.uint8)
+    filtered[:, 0] = 1  # the 'Sub' filter: each byte minus the one a pixel to its left
+    filtered[:, 1:bpp + 1] = raw[:, :bpp]
+    np.subtract(raw[:, bpp:], raw[:, :-bpp], out=filtered[:, bpp + 1:])
+    pending.append(z.compress(filtered.tobytes()))
+    if sum(map(len, pending)) > (1 << 20):
+      _chunk(f, b'IDAT', b''.join(pending))
+      pending = []
+  pending.append(z.flush())
+  _chunk(f, b'IDAT', b''.join(pending))
+  _chunk(f, b'IEND', b'')
+
+
+def atomic_write(path, save):
+  """Calls save(file) on a new temporary file beside `path`, then renames it over `path`; the
+  temporary file is removed on any failure, so `path` is never left partial."""
+  path = os.fspath(path)
+  directory, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(directory, f'.{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp')
+  try:
+    # os.open, not mkstemp: the file gets the usual permissions (0666 less the umask), not 0600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, 'wb') as f:
+      save(f)
+    os.replace(tmp, path)
+  except BaseException as e:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    if isinstance(e, (OSError, ValueError, struct.error, zlib.error)):
+      raise ImageError(f'{path}: cannot write: {_reason(e)}') from e
+    raise
+
+
+def write_image(path, image, info=None, format=None, quality=None):
+  """Writes HxWxC (float in [0, 1], uint8 or uint16) as PNG, WebP or JPEG (`format`, else from
+  the suffix), atomically. 16 bits when the array is uint16 (or float with info.bit_depth 16) and
+  the format is PNG; the ICC profile of `info` is embedded. Raises ImageError."""
+  path = os.fspath(path)
+  fmt = output_format(path, format)
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] not in _CHANNEL_MODES:
+    raise ImageError(f'{path}: cannot write an array of shape {image.shape}')
+  c = image.shape[-1]
+  if fmt == 'jpeg' and c in (2, 4):
+    raise ImageError(f'{path}: JPEG cannot store alpha; write png or webp, or composite the '
+                     'image over a background colour')
+  bits16 = fmt == 'png' and (image.dtype == np.uint16 or (
+      image.dtype.kind == 'f' and info is not None and info.bit_depth == 16))
+  data = to_uint(image, 16 if bits16 else 8)
+  icc = info.icc_profile if info is not None else None
+  quality = DEFAULT_QUALITY if quality is None else int(quality)
+
+  def save(f):
+    if bits16 and c > 1:
+      _write_png16(f, data, icc)
+      return
+    im = Image.fromarray(data[..., 0] if c == 1 else data)  # uint16 2-D is 'I;16'
+    kwargs = {'icc_profile': icc} if icc else {}
+    if fmt == 'jpeg':
+      # Above 90, 4:4:4 chroma: subsampling would blur the detail the upscaling made.
+      kwargs.update(quality=quality, subsampling=0 if quality >= 90 else 2)
+    elif fmt == 'webp':
+      kwargs.update(quality=quality, lossless=quality >= 100)
+    im.save(f, FORMATS[fmt], **kwargs)
+
+  atomic_write(path, save)
+  return path
+
+
+def parse_color(text):
+  """'white', '#ff8800', 'rgb(1,2,3)' ... -> RGB floats in [0, 1] (Pillow's colour names)."""
+  try:
+    rgb = ImageColor.getrgb(text)[:3]
+  except ValueError as e:
+    raise ValueError(f'unknown colour {text!r}') from e
+  return tuple(v / 255.0 for v in rgb)
+
+
+def composite(image, background):
+  """Drops alpha: the image over an RGB `background` (floats); gray stays gray (luma of it)."""
+  image = np.asarray(image, np.float32)
+  c = image.shape[-1]
+  if c not in (2, 4):
+    return image
+  alpha = image[..., -1:]
+  bg = np.asarray(background, np.float32)
+  if c == 2:
+    bg = np.float32(bg @ np.array([0.299, 0.587, 0.114], np.float32))
+  return image[..., :-1] * alpha + bg * (1.0 - alpha)

@@ -1,0 +1,396 @@
+"""The upscale command: `python -m w2x_jax.upscale -i INPUT -o OUTPUT [options]`.
+
+INPUT is an image, a folder (searched recursively for images; the tree is mirrored under OUTPUT)
+or a text file (.txt) listing one path a line (relative to the list's folder; '#' starts a
+comment), whose outputs all go into the folder OUTPUT. For a single image, OUTPUT is the output
+file, or a folder (existing, or ending with '/') to write it into.
+
+Models: without -m, `-n N` and `-s S` pick the shipped models in w2x_jax/weights/: scale 2x passes
+use `scale2x_noiseN` for the first pass and `scale2x_noisenone` for the others (denoising only
+once), and -s 1 uses `noiseN`. `-m` takes a shipped model's name or a checkpoint folder (an
+exported model or a training workdir); that one model then does every pass (-s must be a power
+of its scale; without -s it runs once), and -n is ignored.
+
+Every output is written to a temporary file beside it and renamed, so no partial file is ever
+left. Files that cannot be read or written are reported and the others go on; the run ends with
+"N done, M skipped, K failed" and exits 1 if any failed (2 on bad arguments).
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import tqdm
+
+from w2x_jax import image_io
+from w2x_jax import inference
+
+PROG = 'w2x_jax.upscale'
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+NOISE_LEVELS = (-1, 0, 1, 2, 3)
+SCALES = (1, 2, 4, 8)
+DEFAULT_NOISE = 0
+DEFAULT_SCALE = 2
+LIST_SUFFIXES = ('.txt',)
+TILE_BAR_MIN = 16  # images of fewer tiles get no tile progress bar
+
+
+def shipped_names():
+  return tuple([f'scale2x_noise{"none" if n < 0 else n}' for n in NOISE_LEVELS]
+               + [f'noise{n}' for n in NOISE_LEVELS if n >= 0])
+
+
+def shipped_model(noise, upscale):
+  """The shipped model for one pass: a 2x one (`upscale`) or a scale-1 denoiser."""
+  if upscale:
+    return f'scale2x_noise{"none" if noise < 0 else noise}'
+  return f'noise{noise}'
+
+
+class ModelError(Exception):
+  """A model that cannot be found or loaded: fatal for the run (one line)."""
+
+
+class JobError(Exception):
+  """One file that cannot be processed (one line, naming the file)."""
+
+
+def load_model(name_or_path, weights_dir=None):
+  """(model, params, config) of a checkpoint folder, or of a shipped model by name (looked up in
+  `weights_dir`, by default WEIGHTS_DIR)."""
+  from w2x_jax import checkpoint  # pylint: disable=g-import-not-at-top (orbax: only when needed)
+  weights_dir = WEIGHTS_DIR if weights_dir is None else weights_dir
+  if os.path.isdir(name_or_path):
+    path = name_or_path
+  elif name_or_path in shipped_names():
+    path = os.path.join(weights_dir, name_or_path)
+    if not os.path.isdir(path):
+      raise ModelError(f'shipped model {name_or_path!r} is not installed ({path}); '
+                       'pass -m CHECKPOINT_DIR (an exported model folder or a training workdir)')
+  else:
+    raise ModelError(f'{name_or_path}: no such model folder, nor a shipped model name '
+                     f'({", ".join(shipped_names())})')
+  try:
+    return checkpoint.restore_model(path)
+  except (checkpoint.CheckpointError, OSError, ValueError) as e:
+    raise ModelError(f'{path}: cannot load the model: {e}') from e
+
+
+def _image_suffixes():
+  Image.init()
+  return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _output_name(rel, fmt):
+  return os.path.splitext(rel)[0] + image_io.SUFFIXES[fmt]
+
+
+def list_jobs(input_path, output, fmt):
+  """[(source, destination)] for a file, a folder or a list file; `fmt` is the output format."""
+  if os.path.isdir(input_path):
+    suffixes = _image_suffixes()
+    out_real = os.path.realpath(output)
+    jobs = []
+    for root, dirs, files in os.walk(input_path):
+      # Skip hidden folders and the output tree (when it lies inside the input).
+      dirs[:] = sorted(d for d in dirs if not d.startswith('.')
+                       and os.path.realpath(os.path.join(root, d)) != out_real)
+      for name in sorted(files):
+        if name.startswith('.') or os.path.splitext(name)[1].lower() not in suffixes:
+          continue  # not an image (notes, thumbnails databases, our own temporary files)
+        src = os.path.join(root, name)
+        rel = os.path.relpath(src, input_path)
+        jobs.append((src, os.path.join(output, _output_name(rel, fmt))))
+    return jobs
+  if os.path.splitext(input_path)[1].lower() in LIST_SUFFIXES and os.path.isfile(input_path):
+    base = os.path.dirname(input_path)
+    jobs = []
+    with open(input_path, encoding='utf-8') as f:
+      for line in f:
+        line = line.strip()
+        if line and not line.startswith('#'):
+          src = os.path.join(base, os.path.expanduser(line))
+          jobs.append((src, os.path.join(output, _output_name(os.path.basename(src), fmt))))
+    return jobs
+  if os.path.isdir(output) or output.endswith(os.sep):
+    return [(input_path, os.path.join(output, _output_name(os.path.basename(input_path), fmt)))]
+  return [(input_path, output)]
+
+
+def target_size(height, width, args):
+  """(height, width) asked by --width/--height (one alone keeps the aspect ratio), or None."""
+  if not args.width and not args.height:
+    return None
+  if args.width and args.height:
+    return args.height, args.width
+  if args.width:
+    return max(1, round(height * args.width / width)), args.width
+  return args.height, max(1, round(width * args.height / height))
+
+
+def resize(image, height, width):
+  """High-quality (Lanczos) resize of float HxWxC; alpha is premultiplied so that hidden colour
+  does not bleed into the visible edge."""
+  image = np.asarray(image, np.float32)
+  c = image.shape[-1]
+  alpha = c in (2, 4)
+  src = image.copy() if alpha else image
+  if alpha:
+    src[..., :-1] *= src[..., -1:]
+  out = np.empty((height, width, c), np.float32)
+  for i in range(c):
+    channel = Image.fromarray(np.ascontiguousarray(src[..., i]))  # mode 'F'
+    out[..., i] = np.asarray(channel.resize((width, height), Image.Resampling.LANCZOS))
+  out = np.clip(out, 0.0, 1.0)
+  if alpha:
+    a = out[..., -1:]
+    out[..., :-1] = np.where(a > 0, out[..., :-1] / np.maximum(a, 1e-8), 0.0)
+    np.clip(out, 0.0, 1.0, out=out)
+  return out
+
+
+class Runner:
+  """The models of a run: one Upscaler per model, shared by every file (one compilation per tile
+  shape), loaded on first use."""
+
+  def __init__(self, args, load_fn):
+    self.args = args
+    self.load_fn = load_fn
+    self._upscalers = {}
+
+  def upscaler(self, key):
+    if key not in self._upscalers:
+      model, params, config = self.load_fn(key)
+      self._upscalers[key] = inference.Upscaler(
+          params, config.model, model=model, tile_size=self.args.tile_size,
+          batch_size=self.args.batch_size)
+    return self._upscalers[key]
+
+  def passes(self, height, width):
+    """([model key per pass], (height, width) to resize to at the end, or None)."""
+    args = self.args
+    target = target_size(height, width, args)
+    if args.model:
+      scale = self.upscaler(args.model).scale
+      if target is None:
+        count = 1 if args.scale is None else _passes_for(args.scale, scale, args.model)
+      else:
+        count = max(1, _passes_to_reach(height, width, target, scale))
+      return [args.model] * count, target
+    noise = DEFAULT_NOISE if args.noise_level is None else args.noise_level
+    if target is None:
+      count = int(math.log2(DEFAULT_SCALE if args.scale is None else args.scale))
+    else:
+      count = _passes_to_reach(height, width, target, 2)
+    if count == 0:
+      return ([shipped_model(noise, False)] if noise >= 0 else []), target
+    return [shipped_model(noise, True)] + [shipped_model(-1, True)] * (count - 1), target
+
+
+def _passes_for(wanted, model_scale, name):
+  if model_scale == 1:
+    if wanted != 1:
+      raise ModelError(f'{name}: a scale-1 model cannot upscale; use -s 1')
+    return 1
+  count = round(math.log(wanted, model_scale)) if wanted > 1 else 0
+  if count < 1 or model_scale ** count != wanted:
+    raise ModelError(f'{name}: -s {wanted} is not a power (>= 1) of the model scale {model_scale}')
+  return count
+
+
+def _passes_to_reach(height, width, target, scale):
+  if scale == 1:
+    return 1
+  count = 0
+  while height * scale ** count < target[0] or width * scale ** count < target[1]:
+    count += 1
+  return count
+
+
+class _TileBar:
+  """A progress bar over the tiles of one large image (none for small ones, or when quiet)."""
+
+  def __init__(self, quiet, desc):
+    self.quiet, self.desc, self.bar = quiet, desc, None
+
+  def __call__(self, done, total):
+    if self.quiet or total < TILE_BAR_MIN:
+      return
+    if self.bar is None:
+      self.bar = tqdm.tqdm(total=total, desc=self.desc, unit='tile', leave=False, position=1,
+                           file=sys.stderr, dynamic_ncols=True)
+    self.bar.update(done - self.bar.n)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+
+def _same_file(a, b):
+  try:
+    return os.path.realpath(a) == os.path.realpath(b) or os.path.samefile(a, b)
+  except OSError:
+    return False
+
+
+def process(src, dst, fmt, runner, args):
+  """Upscales one file; 'done' or 'skipped', or raises JobError / ImageError (one line)."""
+  if os.path.exists(dst):
+    if _same_file(src, dst):
+      raise JobError(f'{src}: is its own output; choose another output')
+    if not args.overwrite:
+      return 'skipped'
+  image, info = image_io.read_image(src)
+  if info.has_alpha and args.background is not None:
+    image = image_io.composite(image, args.background)
+  elif info.has_alpha and fmt == 'jpeg':
+    raise JobError(f'{src}: has alpha, which JPEG cannot store; use -f png or webp, or '
+                   '--background COLOR to composite it')
+  keys, target = runner.passes(image.shape[0], image.shape[1])
+  out_dtype = image_io.output_dtype(info, fmt)
+  for i, key in enumerate(keys):
+    last = i == len(keys) - 1 and target is None
+    bar = _TileBar(args.quiet, f'pass {i + 1}/{len(keys)}')
+    try:
+      image = inference.upscale_image(runner.upscaler(key), image, tta=args.tta, progress=bar,
+                                      out_dtype=out_dtype if last else np.float32,
+                                      fill_alpha=i == 0)
+    finally:
+      bar.close()
+  if target is not None:
+    image = resize(image, *target)
+  parent = os.path.dirname(os.path.abspath(dst))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise JobError(f'{dst}: cannot write: {e.strerror or e}') from e
+  image_io.write_image(dst, image, info, fmt, args.quality)
+  return 'done'
+
+
+def _quality(text):
+  value = int(text)
+  if not 0 <= value <= 100:
+    raise argparse.ArgumentTypeError(f'{value} is not in 0..100')
+  return value
+
+
+def _positive(text):
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{value} must be >= 1')
+  return value
+
+
+def _colour(text):
+  try:
+    return image_io.parse_color(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      prog=f'python -m {PROG}', description='waifu2x-style 2x super-resolution and JPEG noise '
+      'removal of images, folders (recursive) or lists of paths.')
+  p.add_argument('-i', '--input', required=True, help='an image, a folder or a .txt list of paths')
+  p.add_argument('-o', '--output', required=True,
+                 help='the output file (single image) or folder (folders, lists)')
+  p.add_argument('-n', '--noise-level', type=int, choices=NOISE_LEVELS, default=None,
+                 help=f'JPEG noise removal: -1 none, 0..3 (default {DEFAULT_NOISE}); '
+                 'ignored with -m')
+  p.add_argument('-s', '--scale', type=int, choices=SCALES, default=None,
+                 help='upscaling: repeated 2x passes, denoising only in the first (default '
+                 f'{DEFAULT_SCALE}; with -m: one pass of the model)')
+  p.add_argument('--width', type=_positive, help='output width: 2x passes, then a Lanczos '
+                 'downscale to it (with --height alone, the aspect ratio is kept)')
+  p.add_argument('--height', type=_positive, help='output height (see --width)')
+  p.add_argument('-m', '--model', help='a shipped model name or a checkpoint folder; it does every '
+                 'pass')
+  p.add_argument('--tile-size', type=_positive, default=inference.DEFAULT_TILE_SIZE,
+                 help='tile side in input pixels, margins included (default %(default)s)')
+  p.add_argument('--batch-size', type=_positive, default=None,
+                 help='tiles per step, rounded up to a multiple of the devices (default: one '
+                 'per device)')
+  p.add_argument('--tta', action='store_true',
+                 help='test-time augmentation: average the 8 flips and rotations (8x slower)')
+  p.add_argument('-f', '--format', choices=('png', 'webp', 'jpeg', 'jpg'), default=None,
+                 help='output format (default: png, or the output file\'s suffix)')
+  p.add_argument('-q', '--quality', type=_quality, default=image_io.DEFAULT_QUALITY,
+                 help='JPEG/WebP quality 0..100; WebP 100 is lossless (default %(default)s)')
+  p.add_argument('--background', type=_colour, default=None, metavar='COLOR',
+                 help='composite images with alpha over COLOR (e.g. white, #808080): needed for '
+                 'JPEG output of such images')
+  p.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+  p.add_argument('--quiet', action='store_true', help='no progress bars nor device line')
+  return p.parse_args(argv)
+
+
+def _job_format(args, single_output):
+  """The output format; for a single image written to a named file, its suffix may choose."""
+  if args.format:
+    return image_io.output_format('', args.format)
+  if single_output is not None:
+    suffix = os.path.splitext(single_output)[1].lower()
+    if suffix:
+      return image_io.output_format(single_output)
+  return 'png'
+
+
+def main(argv=None, load_model_fn=None):
+  """Runs the command; returns the exit status. `load_model_fn(name_or_path) -> (model, params,
+  config)` replaces the model loading (tests)."""
+  args = parse_args(argv)
+  err = lambda msg: tqdm.tqdm.write(msg, file=sys.stderr)
+  single = not os.path.isdir(args.input) and not (
+      os.path.splitext(args.input)[1].lower() in LIST_SUFFIXES and os.path.isfile(args.input))
+  named_output = args.output if single and not (
+      os.path.isdir(args.output) or args.output.endswith(os.sep)) else None
+  try:
+    fmt = _job_format(args, named_output)
+  except image_io.ImageError as e:
+    err(f'{PROG}: {e}')
+    return 2
+  jobs = list_jobs(args.input, args.output, fmt)
+  if not args.quiet:
+    devices = jax.local_devices()
+    err(f'{PROG}: running on {len(devices)} device(s): ' + ', '.join(
+        f'{d.platform}:{d.id} ({d.device_kind})' for d in devices))
+    if args.model and args.noise_level is not None:
+      err(f'{PROG}: -n is ignored with -m: the model decides what it removes')
+  runner = Runner(args, load_model_fn or load_model)
+  counts = {'done': 0, 'skipped': 0, 'failed': 0}
+  seen = {}
+  bar = tqdm.tqdm(jobs, unit='file', disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+  try:
+    for src, dst in bar:
+      key = os.path.realpath(dst)
+      try:
+        if key in seen:
+          raise JobError(f'{src}: has the same output as {seen[key]} ({dst})')
+        seen[key] = src
+        counts[process(src, dst, fmt, runner, args)] += 1
+      except ModelError:
+        raise
+      except (JobError, image_io.ImageError) as e:
+        counts['failed'] += 1
+        err(str(e))
+      except Exception as e:  # pylint: disable=broad-except (report it, go on with the rest)
+        counts['failed'] += 1
+        err(f'{src}: {type(e).__name__}: {e}'.splitlines()[0])
+  except ModelError as e:
+    bar.close()
+    err(f'{PROG}: {e}')
+    return 1
+  bar.close()
+  print(f'{counts["done"]} done, {counts["skipped"]} skipped, {counts["failed"]} failed')
+  return 1 if counts['failed'] else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
