@@ -1,11 +1,14 @@
 """The seed's ESPCN_7 with SelNet's selection units: six conv3x3 (64..256), SELU, unit, pixel shuffle."""
 
+import ml_collections
+
 from configs import default
 
 
 def get_config(arg=None):
   config = default.get_config(arg)
-  m = config.model
+  m = config.model = ml_collections.ConfigDict(dict(
+      scale=config.model.scale, conv=config.model.conv, dtype=config.model.dtype))
   m.name = 'espcn_su'
   m.channels = 3
   m.filters = (64, 64, 128, 128, 256, 256)

@@ -29,7 +29,7 @@ def test_config_args_and_overrides():
   assert config.model.layers == 12 and config.model.first_filters == 196
 
 
-@pytest.mark.parametrize('name', ['dcscn', 'dcscn_compact', 'dcscn_paper', 'espcn_su', 'test'])
+@pytest.mark.parametrize('name', ['default', 'dcscn', 'dcscn_compact', 'dcscn_paper', 'espcn_su', 'quick', 'test'])
 def test_every_config_loads(name):
   config = parse(f'--config=configs/{name}.py')
   assert config.model.scale == 2 and config.data.noise_level == -1

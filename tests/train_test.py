@@ -197,3 +197,41 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
   assert steps[-1] >= 2
   # What was saved is the state at the step the log names: one more checkpoint beyond the periodic.
   assert f'at step {steps[-1]}' in out
+
+
+def test_schedules_by_hand():
+  tc = test_config.get_config().train
+  tc.update(learning_rate=1.0, num_steps=100, warmup_steps=10, decay_every=30, decay_rate=0.5)
+  tc.schedule = 'constant'
+  assert float(train.make_schedule(tc)(77)) == 1.0
+  tc.schedule = 'cosine'
+  cosine = train.make_schedule(tc)
+  assert float(cosine(0)) == 0.0 and float(cosine(5)) == pytest.approx(0.5)
+  assert float(cosine(10)) == pytest.approx(1.0)
+  assert float(cosine(55)) == pytest.approx(0.5, abs=1e-6)  # halfway through the cosine
+  assert float(cosine(100)) == pytest.approx(0.0, abs=1e-7)
+  tc.schedule = 'step'
+  step = train.make_schedule(tc)
+  assert [float(step(s)) for s in (0, 29, 30, 61, 95)] == [1.0, 1.0, 0.5, 0.25, 0.125]
+
+
+def test_keeps_latest_and_best(tmp_path):
+  config = test_config.get_config()
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  manager = checkpoint.make_manager(tmp_path, keep=1)
+  for step, psnr in [(2, 10.0), (4, 30.0), (6, 20.0), (8, None)]:
+    state = state.replace(step=step, params=jax.tree.map(lambda p, s=step: p * 0 + s, state.params))
+    checkpoint.save_train_state(manager, state, metrics=psnr and {'val_psnr': psnr})
+  manager.wait_until_finished()
+  assert manager.all_steps() == [4, 8]  # the best by PSNR and the latest
+  assert checkpoint.best_step(manager) == 4
+  checkpoint.save_run_config(tmp_path, config)
+  _, params, _ = checkpoint.restore_model(tmp_path, best=True)
+  assert all(np.all(np.asarray(p) == 4) for p in jax.tree.leaves(params))
+  _, params, _ = checkpoint.restore_model(tmp_path)
+  assert all(np.all(np.asarray(p) == 8) for p in jax.tree.leaves(params))
+  # After a restart the best is still known (its metrics are on disk) and still kept.
+  manager = checkpoint.make_manager(tmp_path, keep=1)
+  checkpoint.save_train_state(manager, state.replace(step=10), metrics={'val_psnr': 5.0})
+  manager.wait_until_finished()
+  assert manager.all_steps() == [4, 10] and checkpoint.best_step(manager) == 4

@@ -1,4 +1,4 @@
-"""Throughput benchmarks: `python -m w2x_jax.bench [data|all] [--json FILE] [--data-dir DIR]`.
+"""Throughput benchmarks: `python -m w2x_jax.bench [data|train|infer|all] [--json FILE] [--data-dir DIR]`.
 
 Each benchmark is a function (args) -> list of row dicts, registered in BENCHMARKS; rows are printed
 as one table and, with --json, written to a file.
@@ -73,7 +73,129 @@ def bench_data(args):
   return rows
 
 
-BENCHMARKS = {'data': bench_data}
+PRESETS = ('dcscn', 'dcscn_compact', 'espcn_su')  # the model configs measured by `train` and `infer`
+TRAIN_BATCH = 25  # the seed's training batch: 25 patches of 48x48 (LR)
+
+
+def _preset_config(name, noise_level=2, scale=2):
+  import importlib  # pylint: disable=g-import-not-at-top
+  return importlib.import_module(f'configs.{name}').get_config(f'noise={noise_level},scale={scale}')
+
+
+def _matmul_row(args):
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
+  if getattr(args, '_matmul_gflops', None) is None:
+    args._matmul_gflops = conv.measure_matmul_gflops()  # pylint: disable=protected-access
+  return args._matmul_gflops  # pylint: disable=protected-access
+
+
+def bench_train(args):
+  """Patches/s of the jitted train step fed by the real generator; GFLOP/s against the matmul peak.
+
+  Meanwhile one more thread runs the generator flat out: its rate while training runs, over what
+  the step consumes, is the generator's headroom (it must be >= 5).
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from w2x_jax import models  # pylint: disable=g-import-not-at-top
+  from w2x_jax import train  # pylint: disable=g-import-not-at-top
+  peak = _matmul_row(args)
+  rows = []
+  for name in args.presets:
+    config = _preset_config(name)
+    config.train.batch_size = TRAIN_BATCH
+    config.data.patch_size = args.patch_size
+    scale = config.model.scale
+    images, _ = load_bench_images(args.data_dir, data.min_image_size(args.patch_size, scale))
+    mesh = train.make_mesh(jax.local_devices())
+    state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0)),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    step = jax.jit(train.make_train_step(config), donate_argnums=(0,))
+    with data.PatchGenerator(images, config.data, scale=scale, batch_size=TRAIN_BATCH, seed=0) as gen:
+      batches = iter(gen)
+      start = time.perf_counter()
+      state, m = step(state, train.shard_batch(next(batches)[1], mesh))
+      jax.block_until_ready(m)
+      compile_s = time.perf_counter() - start
+
+      produced, stop = [0], threading.Event()
+
+      def produce():
+        k = 0
+        while not stop.is_set():
+          data.make_batch(images, seed=1, step=k, indices=range(TRAIN_BATCH), patch_size=args.patch_size,
+                          scale=scale, noise_level=config.data.noise_level, nr_rate=config.data.nr_rate,
+                          filter_weights=config.data.filter_weights)
+          produced[0] += TRAIN_BATCH
+          k += 1
+
+      producer = threading.Thread(target=produce, daemon=True)
+      producer.start()
+      steps, start = 0, time.perf_counter()
+      while steps < 2 or time.perf_counter() - start < args.seconds:
+        state, m = step(state, train.shard_batch(next(batches)[1], mesh))
+        jax.block_until_ready(m)
+        steps += 1
+      elapsed = time.perf_counter() - start
+      stop.set()
+      producer.join()
+    consumed = steps * TRAIN_BATCH / elapsed
+    hr_pixels = (args.patch_size * scale) ** 2
+    gflops = 3 * models.flops_per_output_pixel(config.model) * hr_pixels * TRAIN_BATCH * steps / elapsed / 1e9
+    rows.append(dict(bench='train', model=name, params=models.count_params(state.params),
+                     batch=f'{TRAIN_BATCH}x{args.patch_size}x{args.patch_size}', s_per_step=elapsed / steps,
+                     patches_per_s=consumed, gflops=gflops, matmul_gflops=peak, of_peak=gflops / peak,
+                     compile_s=compile_s, generator_while_training=produced[0] / elapsed,
+                     generator_headroom=produced[0] / elapsed / consumed))
+  return rows
+
+
+def bench_infer(args):
+  """Output megapixels/s of tiled inference at the default tile size, and a whole 256x256 forward."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from w2x_jax import inference  # pylint: disable=g-import-not-at-top
+  from w2x_jax import models  # pylint: disable=g-import-not-at-top
+  peak = _matmul_row(args)
+  rng = np.random.default_rng(0)
+  image = rng.uniform(0, 1, (args.infer_size, args.infer_size, 3)).astype(np.float32)
+  rows = []
+  for name in args.presets:
+    config = _preset_config(name, noise_level=-1)
+    model = models.build_model(config.model)
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, config.model.channels), np.float32))['params']
+    upscaler = inference.Upscaler(params, config.model, model=model)
+    start = time.perf_counter()
+    upscaler(image)
+    compile_s = time.perf_counter() - start
+    runs, start = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - start < args.seconds:
+      upscaler(image)
+      runs += 1
+    elapsed = (time.perf_counter() - start) / runs
+    out_pixels = (args.infer_size * config.model.scale) ** 2
+    flops = models.flops_per_output_pixel(config.model) * out_pixels
+    overhead = inference.margin_overhead(config.model, upscaler.tile_size)
+    # Whole-image forward of 256x256, as the seed's figure (2.9 s for its DCSCN) is measured.
+    forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    x = np.zeros((1, 256, 256, config.model.channels), np.float32)
+    jax.block_until_ready(forward(params, x))
+    fwd_s = min(_timed(lambda: jax.block_until_ready(forward(params, x))) for _ in range(3))
+    fwd_gflops = models.flops_per_output_pixel(config.model) * (256 * config.model.scale) ** 2 / fwd_s / 1e9
+    rows.append(dict(bench='infer', model=name, image=f'{args.infer_size}x{args.infer_size}',
+                     tile=upscaler.tile_size, margin_overhead=overhead, output_mp_per_s=out_pixels / elapsed / 1e6,
+                     gflops=flops / elapsed / 1e9, matmul_gflops=peak, of_peak=flops / elapsed / 1e9 / peak,
+                     compile_s=compile_s, forward_256_s=fwd_s, forward_256_of_peak=fwd_gflops / peak))
+  return rows
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+BENCHMARKS = {'data': bench_data, 'train': bench_train, 'infer': bench_infer}
 
 
 def _cell(value):
@@ -103,6 +225,8 @@ def parse_args(argv):
   parser.add_argument('--patch-size', type=int, default=48, help='low-resolution patch side')
   parser.add_argument('--scales', type=int, nargs='+', default=[2, 1])
   parser.add_argument('--threads', type=int, default=0, help='producer threads (0: config default)')
+  parser.add_argument('--presets', nargs='+', default=list(PRESETS), help='model configs for train/infer')
+  parser.add_argument('--infer-size', type=int, default=512, help='input side for the infer benchmark')
   return parser.parse_args(argv)
 
 
@@ -111,8 +235,16 @@ def main(argv=None):
   names = sorted(BENCHMARKS) if args.which == 'all' else [args.which]
   rows = []
   for name in names:
-    rows += BENCHMARKS[name](args)
-  print(format_table(rows))
+    these = BENCHMARKS[name](args)
+    print(format_table(these), end='\n\n', flush=True)
+    rows += these
+  train_rows = {r['model']: r for r in rows if r['bench'] == 'train'}
+  data_rows = [r for r in rows if r['bench'] == 'data' and r['scale'] == 2 and 'PatchGenerator' in r['mode']]
+  if 'dcscn' in train_rows and data_rows:
+    ratio = data_rows[0]['patches_per_s'] / train_rows['dcscn']['patches_per_s']
+    print(f'generator / default DCSCN train step: {data_rows[0]["patches_per_s"]:.0f} / '
+          f'{train_rows["dcscn"]["patches_per_s"]:.1f} patches/s = {ratio:.0f}x (alone); while training '
+          f'runs: {train_rows["dcscn"]["generator_headroom"]:.0f}x')
   if args.json:
     host = dict(python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
                 usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None)

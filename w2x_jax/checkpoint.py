@@ -23,6 +23,8 @@ CONFIG_FILE = 'config.json'
 PARAMS_FILE = 'params.msgpack'
 CHECKPOINT_DIR = 'checkpoints'
 BEST_METRIC = 'val_psnr'
+# Model fields that change how the model computes, not its parameters: free to differ on resume.
+COMPUTE_ONLY_FIELDS = ('conv', 'dtype')
 
 
 class CheckpointError(ValueError):
@@ -53,9 +55,9 @@ def save_run_config(workdir, config):
   if os.path.exists(path):
     saved = load_config(path)
     saved_model = config_to_dict(saved.model)
-    if saved_model != live['model']:
-      diff = sorted(k for k in set(saved_model) | set(live['model'])
-                    if saved_model.get(k) != live['model'].get(k))
+    diff = sorted(k for k in set(saved_model) | set(live['model'])
+                  if k not in COMPUTE_ONLY_FIELDS and saved_model.get(k) != live['model'].get(k))
+    if diff:
       raise CheckpointError(
           f'{workdir}: its checkpoints are of another model (fields differ: '
           + ', '.join(f'{k}={saved_model.get(k)!r} saved vs {live["model"].get(k)!r}' for k in diff)
@@ -71,12 +73,21 @@ def make_manager(workdir, keep=3, read_only=False):
                                 keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, create=not read_only, read_only=read_only,
+      preservation_policy=policy,
+      # best_fn also makes Orbax write each step's metrics to disk, so the best survives a restart.
+      best_fn=lambda m: m[BEST_METRIC], best_mode='max', create=not read_only, read_only=read_only,
       # Synchronous: the models are small, and a step is never left half-written at exit.
       enable_async_checkpointing=False)
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options,
       item_names=('params', 'train'))
+
+
+def best_step(manager):
+  """The kept step with the highest validation PSNR (the latest where none has one)."""
+  scored = [(m[BEST_METRIC], s) for s in manager.all_steps()
+            if (m := manager.metrics(s)) and BEST_METRIC in m]
+  return max(scored)[1] if scored else manager.latest_step()
 
 
 def save_train_state(manager, state, metrics=None, force=False):
@@ -162,7 +173,7 @@ def restore_model(path, step=None, best=False):
     return model, params, config
   manager = make_manager(workdir, read_only=True)
   if best:
-    step = manager.best_step()
+    step = best_step(manager)
   elif step is None:
     step = manager.latest_step()
   if step is None:

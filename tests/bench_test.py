@@ -1,0 +1,20 @@
+"""The benchmark command runs end to end (tiny model, fractions of a second) and reports ratios."""
+
+import json
+
+from w2x_jax import bench
+
+
+def test_bench_all_tiny(tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  assert bench.main(['all', '--seconds', '0.1', '--scales', '2', '--data-dir', '', '--presets', 'test',
+                     '--patch-size', '12', '--infer-size', '40', '--json', str(out)]) == 0
+  rows = json.loads(out.read_text())['rows']
+  by_bench = {r['bench']: r for r in rows}
+  assert set(by_bench) == {'data', 'train', 'infer'}
+  assert by_bench['data']['patches_per_s'] > 0
+  train, infer = by_bench['train'], by_bench['infer']
+  assert train['of_peak'] == train['gflops'] / train['matmul_gflops'] and train['of_peak'] > 0
+  assert train['generator_headroom'] > 0 and train['patches_per_s'] > 0
+  assert infer['output_mp_per_s'] > 0 and 0 < infer['margin_overhead'] < 1
+  assert 'train' in capsys.readouterr().out
