@@ -18,3 +18,10 @@ def test_bench_all_tiny(tmp_path, capsys):
   assert train['generator_headroom'] > 0 and train['patches_per_s'] > 0
   assert infer['output_mp_per_s'] > 0 and 0 < infer['margin_overhead'] < 1
   assert 'train' in capsys.readouterr().out
+
+
+def test_bench_memory_tiny(tmp_path):
+  out = tmp_path / 'mem.json'
+  assert bench.main(['memory', '--memory-size', '64', '--json', str(out)]) == 0
+  row = json.loads(out.read_text())['rows'][0]
+  assert row['output'] == '128x128' and 0 < row['peak_rss_gb'] < 4

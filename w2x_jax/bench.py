@@ -1,4 +1,4 @@
-"""Throughput benchmarks: `python -m w2x_jax.bench [data|train|infer|all] [--json FILE] [--data-dir DIR]`.
+"""Throughput benchmarks: `python -m w2x_jax.bench [data|train|infer|memory|all] [--json FILE] [--data-dir DIR]`.
 
 Each benchmark is a function (args) -> list of row dicts, registered in BENCHMARKS; rows are printed
 as one table and, with --json, written to a file.
@@ -195,7 +195,43 @@ def _timed(fn):
   return time.perf_counter() - start
 
 
-BENCHMARKS = {'data': bench_data, 'train': bench_train, 'infer': bench_infer}
+def bench_memory(args):
+  """Peak resident memory of the upscale command on a 4000x4000 RGB PNG (to 8000x8000).
+
+  Run in a child process (its peak RSS is what getrusage reports for children), with the model of
+  `--memory-config` (default: the tiny configs/test.py; a big model adds its per-tile activations).
+  """
+  import resource  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from w2x_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from w2x_jax import models  # pylint: disable=g-import-not-at-top
+  side = args.memory_size
+  with tempfile.TemporaryDirectory() as tmp:
+    config = _preset_config(args.memory_config, noise_level=-1)
+    model = models.build_model(config.model)
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, config.model.channels), np.float32))['params']
+    model_dir = checkpoint.export_model(os.path.join(tmp, 'model'), params, config)
+    rng = np.random.default_rng(0)
+    # Smooth noise, so that the PNG is not trivially small to decode.
+    small = rng.integers(0, 256, (side // 8, side // 8, 3), np.uint8)
+    Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC).save(os.path.join(tmp, 'in.png'))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, '-m', 'w2x_jax.upscale', '-i', os.path.join(tmp, 'in.png'), '-o',
+                    os.path.join(tmp, 'out.png'), '-m', model_dir, '--quiet'], check=True, cwd=REPO_ROOT)
+    elapsed = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with Image.open(os.path.join(tmp, 'out.png')) as out:
+      out_size = f'{out.width}x{out.height}'
+  return [dict(bench='memory', model=args.memory_config, input=f'{side}x{side}', output=out_size,
+               peak_rss_gb=peak_kb / 2 ** 20, output_buffer_gb=(2 * side) ** 2 * 3 / 2 ** 30, seconds=elapsed)]
+
+
+BENCHMARKS = {'data': bench_data, 'train': bench_train, 'infer': bench_infer, 'memory': bench_memory}
+ALL = ('data', 'train', 'infer')  # `all`; memory takes minutes, so it is asked for by name
 
 
 def _cell(value):
@@ -227,12 +263,14 @@ def parse_args(argv):
   parser.add_argument('--threads', type=int, default=0, help='producer threads (0: config default)')
   parser.add_argument('--presets', nargs='+', default=list(PRESETS), help='model configs for train/infer')
   parser.add_argument('--infer-size', type=int, default=512, help='input side for the infer benchmark')
+  parser.add_argument('--memory-size', type=int, default=4000, help='input side for the memory benchmark')
+  parser.add_argument('--memory-config', default='test', help='model config for the memory benchmark')
   return parser.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  names = sorted(BENCHMARKS) if args.which == 'all' else [args.which]
+  names = ALL if args.which == 'all' else [args.which]
   rows = []
   for name in names:
     these = BENCHMARKS[name](args)
