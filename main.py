@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from w2x_jax import checkpoint
 from w2x_jax import data
+from w2x_jax import distributed
 from w2x_jax import train
 
 FLAGS = flags.FLAGS
@@ -21,6 +22,15 @@ flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and the co
 config_flags.DEFINE_config_file(
     'config', None, 'A config file, e.g. configs/dcscn.py or configs/dcscn.py:noise=2,scale=1.',
     lock_config=True)
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, to join a multi-process run (with --num_processes and '
+                    '--process_id); every process runs the same command')
+flags.DEFINE_integer('num_processes', None, 'Processes in the multi-process run.')
+flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes).')
+flags.DEFINE_enum('distributed', None, list(distributed.MODES),
+                  'auto: let JAX read the multi-process setup from the cluster (SLURM, Open MPI, '
+                  f'TPU); default: ${distributed.ENV_VAR}, else off (single process unless the '
+                  'three flags above are given).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -45,6 +55,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           FLAGS.distributed)
+  except distributed.DistributedError as e:
+    sys.exit(f'main.py: error: {e}')
+  if jax.process_index() != 0:  # one log: process 0's; the others only warn
+    logging.set_verbosity(logging.WARNING)
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:

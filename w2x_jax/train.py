@@ -21,6 +21,7 @@ import optax
 
 from w2x_jax import checkpoint
 from w2x_jax import data
+from w2x_jax import distributed
 from w2x_jax import evaluate
 from w2x_jax import losses
 from w2x_jax import metrics as metrics_lib
@@ -122,7 +123,7 @@ def make_train_step(config):
     loss, grads = jax.value_and_grad(total_loss)(state.params)
     new_state = state.apply_gradients(grads=grads)
     new_state = new_state.replace(rng=jax.random.fold_in(state.rng, state.step))
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
   return train_step
 
@@ -183,7 +184,9 @@ class Validator:
     self._predict = predict
 
   def __call__(self, params):
-    out = metrics_lib.to_uint8_range(jax.device_get(self._predict(params, self.lr)))
+    # On this process's default device, from a host copy of the (replicated) params: no collective,
+    # so every process computes the same figures on its own and none waits for another.
+    out = metrics_lib.to_uint8_range(jax.device_get(self._predict(jax.device_get(params), self.lr)))
     model_psnr = float(np.mean([metrics_lib.psnr_y(o, h, border=self.scale)
                                 for o, h in zip(out, self.hr)]))
     return {'val_psnr': model_psnr, 'val_bicubic_psnr': self.bicubic_psnr,
@@ -299,13 +302,43 @@ class _StopRequest:
       signal.signal(sig, old)
 
 
+class _StopAgreement:
+  """Makes every process stop at the same step when any of them got a signal (multi-process).
+
+  A process that left the loop alone would leave the others waiting forever in the next
+  collective. Each step every process contributes its flag to a tiny all-reduce; the result read is
+  the previous step's, which is done by then, so the host still runs a step ahead of the devices.
+  """
+
+  def __init__(self, mesh):
+    self._sharding = NamedSharding(mesh, P(DATA_AXIS))
+    self._local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+    self._pending = None
+
+  def __call__(self, local_flag):
+    """Submits this process's flag; returns whether any process had raised its flag last call."""
+    flags = np.full((self._local,), int(bool(local_flag)), np.int32)
+    new = self._any(jax.make_array_from_process_local_data(self._sharding, flags))
+    previous, self._pending = self._pending, new
+    return previous is not None and bool(jax.device_get(previous))
+
+
 def train_and_evaluate(config, workdir, devices=None):
   """Trains (or resumes) the configured model in `workdir`; returns the final train state."""
   check_config(config)
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
+  refused = None
   if jax.process_index() == 0:
-    checkpoint.save_run_config(workdir, config)
+    try:
+      checkpoint.save_run_config(workdir, config)
+    except checkpoint.CheckpointError as e:
+      refused = e
+  # The other processes must stop too, not wait for process 0 in a collective.
+  if distributed.broadcast_from_0(refused is not None):
+    raise refused or checkpoint.CheckpointError(
+        f'{workdir}: process 0 refused the run config (see its log)')
   train_images, val_images = load_datasets(config)
   logging.info('%d training images, %d validation images', len(train_images), len(val_images))
 
@@ -313,12 +346,14 @@ def train_and_evaluate(config, workdir, devices=None):
   replicated = NamedSharding(mesh, P())
   state = create_train_state(config, jax.random.PRNGKey(config.seed))
   logging.info('Model %s: %d parameters', config.model.name, models.count_params(state.params))
+  # Every process holds the same initial values (same seed), so placing them is enough to make
+  # global replicated arrays; restoring into them reads the checkpoint with those shardings.
+  state = jax.device_put(state, replicated)
   manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
   state = checkpoint.restore_train_state(manager, state)
   start_step = int(state.step)
   if start_step:
     logging.info('Resuming from step %d in %s', start_step, workdir)
-  state = jax.device_put(state, replicated)
   train_step = jax.jit(make_train_step(config), out_shardings=(replicated, replicated),
                        donate_argnums=(0,))
   validate = Validator(val_images, config)
@@ -346,10 +381,16 @@ def train_and_evaluate(config, workdir, devices=None):
   step = start_step
   last_val = None
   pending, last_time, last_step = [], time.time(), start_step
+  agree = _StopAgreement(mesh) if jax.process_count() > 1 else None
+  stopping = None
   try:
     with _StopRequest() as stop, generator:
       for step_index, batch in generator:
-        if step_index >= tc.num_steps or stop.signal:
+        if agree is None:
+          stopping = stop.signal
+        elif agree(stop.signal):  # every process sees this at the same step
+          stopping = stop.signal or 'a signal to another process'
+        if step_index >= tc.num_steps or stopping:
           break
         state, step_metrics = train_step(state, shard_batch(batch, mesh))
         step = step_index + 1
@@ -369,10 +410,10 @@ def train_and_evaluate(config, workdir, devices=None):
           val = last_val = validate_now(step)
         if step % tc.checkpoint_every == 0 or step == tc.num_steps:
           checkpoint_now(val)
-      if stop.signal and step < tc.num_steps:
+      if stopping and step < tc.num_steps:
         checkpoint_now(force=True)
         logging.warning('Stopped by %s at step %d; checkpoint saved. Run the same command to resume.',
-                        stop.signal, step)
+                        stopping, step)
   finally:
     manager.wait_until_finished()
   if step >= tc.num_steps and last_val is not None and jax.process_index() == 0:

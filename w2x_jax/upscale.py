@@ -14,6 +14,12 @@ of its scale; without -s it runs once), and -n is ignored.
 Every output is written to a temporary file beside it and renamed, so no partial file is ever
 left. Files that cannot be read or written are reported and the others go on; the run ends with
 "N done, M skipped, K failed" and exits 1 if any failed (2 on bad arguments).
+
+With --coordinator_address, --num_processes and --process_id (or --distributed=auto on a cluster),
+several processes (hosts) share the work: each takes every n-th file of the same sorted listing and
+runs it on its own devices; the file errors are printed by the process that met them, the progress
+bar (its own share) and the one summary of all by process 0, and every process exits 1 if any file
+failed anywhere.
 """
 
 import argparse
@@ -26,6 +32,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from w2x_jax import distributed
 from w2x_jax import image_io
 from w2x_jax import inference
 
@@ -157,10 +164,11 @@ class Runner:
   """The models of a run: one Upscaler per model, shared by every file (one compilation per tile
   shape), loaded on first use."""
 
-  def __init__(self, args, load_fn):
+  def __init__(self, args, load_fn, upscalers=None):
     self.args = args
     self.load_fn = load_fn
-    self._upscalers = {}
+    # `upscalers`: a dict shared with other Runners (the web server keeps one for its lifetime).
+    self._upscalers = {} if upscalers is None else upscalers
 
   def upscaler(self, key):
     if key not in self._upscalers:
@@ -238,6 +246,33 @@ def _same_file(a, b):
     return False
 
 
+def upscale_loaded(image, info, fmt, runner, args, name, pass_progress=None):
+  """One image as read_image gave it (`image`, `info`) through the passes that `args` ask for;
+  returns the array to give write_image for `fmt`. `pass_progress(i, passes)` may return a
+  progress(done_tiles, total_tiles) callable for pass i (with an optional close()). Raises
+  JobError naming `name`, or ModelError."""
+  if info.has_alpha and args.background is not None:
+    image = image_io.composite(image, args.background)
+  elif info.has_alpha and fmt == 'jpeg':
+    raise JobError(f'{name}: has alpha, which JPEG cannot store; use -f png or webp, or '
+                   '--background COLOR to composite it')
+  keys, target = runner.passes(image.shape[0], image.shape[1])
+  out_dtype = image_io.output_dtype(info, fmt)
+  for i, key in enumerate(keys):
+    last = i == len(keys) - 1 and target is None
+    bar = pass_progress(i, len(keys)) if pass_progress is not None else None
+    try:
+      image = inference.upscale_image(runner.upscaler(key), image, tta=args.tta, progress=bar,
+                                      out_dtype=out_dtype if last else np.float32,
+                                      fill_alpha=i == 0)
+    finally:
+      if hasattr(bar, 'close'):
+        bar.close()
+  if target is not None:
+    image = resize(image, *target)
+  return image
+
+
 def process(src, dst, fmt, runner, args):
   """Upscales one file; 'done' or 'skipped', or raises JobError / ImageError (one line)."""
   if os.path.exists(dst):
@@ -246,24 +281,8 @@ def process(src, dst, fmt, runner, args):
     if not args.overwrite:
       return 'skipped'
   image, info = image_io.read_image(src)
-  if info.has_alpha and args.background is not None:
-    image = image_io.composite(image, args.background)
-  elif info.has_alpha and fmt == 'jpeg':
-    raise JobError(f'{src}: has alpha, which JPEG cannot store; use -f png or webp, or '
-                   '--background COLOR to composite it')
-  keys, target = runner.passes(image.shape[0], image.shape[1])
-  out_dtype = image_io.output_dtype(info, fmt)
-  for i, key in enumerate(keys):
-    last = i == len(keys) - 1 and target is None
-    bar = _TileBar(args.quiet, f'pass {i + 1}/{len(keys)}')
-    try:
-      image = inference.upscale_image(runner.upscaler(key), image, tta=args.tta, progress=bar,
-                                      out_dtype=out_dtype if last else np.float32,
-                                      fill_alpha=i == 0)
-    finally:
-      bar.close()
-  if target is not None:
-    image = resize(image, *target)
+  image = upscale_loaded(image, info, fmt, runner, args, src,
+                         lambda i, n: _TileBar(args.quiet, f'pass {i + 1}/{n}'))
   parent = os.path.dirname(os.path.abspath(dst))
   try:
     os.makedirs(parent, exist_ok=True)
@@ -328,6 +347,18 @@ def parse_args(argv=None):
                  'JPEG output of such images')
   p.add_argument('--overwrite', action='store_true', help='replace existing outputs')
   p.add_argument('--quiet', action='store_true', help='no progress bars nor device line')
+  g = p.add_argument_group(
+      'several processes (hosts)', 'every process runs the same command with its own --process_id '
+      'and takes every n-th file; process 0 prints the summary of all')
+  g.add_argument('--coordinator_address', '--coordinator-address', metavar='HOST:PORT',
+                 help="process 0's address, to join a multi-process run")
+  g.add_argument('--num_processes', '--num-processes', type=_positive, metavar='N',
+                 help='processes in the run')
+  g.add_argument('--process_id', '--process-id', type=int, metavar='I',
+                 help="this process's index in [0, N)")
+  g.add_argument('--distributed', choices=distributed.MODES, default=None,
+                 help='auto: JAX reads the setup from the cluster (SLURM, Open MPI, TPU); default: '
+                 f'${distributed.ENV_VAR}, else off')
   return p.parse_args(argv)
 
 
@@ -347,6 +378,12 @@ def main(argv=None, load_model_fn=None):
   config)` replaces the model loading (tests)."""
   args = parse_args(argv)
   err = lambda msg: tqdm.tqdm.write(msg, file=sys.stderr)
+  try:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           args.distributed)
+  except distributed.DistributedError as e:
+    err(f'{PROG}: {e}')
+    return 2
   single = not os.path.isdir(args.input) and not (
       os.path.splitext(args.input)[1].lower() in LIST_SUFFIXES and os.path.isfile(args.input))
   named_output = args.output if single and not (
@@ -356,24 +393,38 @@ def main(argv=None, load_model_fn=None):
   except image_io.ImageError as e:
     err(f'{PROG}: {e}')
     return 2
-  jobs = list_jobs(args.input, args.output, fmt)
-  if not args.quiet:
+  all_jobs = list_jobs(args.input, args.output, fmt)
+  # Two inputs with one output: the later one fails (decided over the whole list, so that it does
+  # not depend on which process gets which file).
+  seen, clashes = {}, {}
+  for i, (src, dst) in enumerate(all_jobs):
+    key = os.path.realpath(dst)
+    if key in seen:
+      clashes[i] = f'{src}: has the same output as {seen[key]} ({dst})'
+    else:
+      seen[key] = src
+  # Several processes: each takes every n-th file (the listing is the same on all of them), runs it
+  # on its own devices only, and process 0 prints the summary of all.
+  rank, size = jax.process_index(), jax.process_count()
+  jobs = list(enumerate(all_jobs))[rank::size]
+  show = not args.quiet and rank == 0
+  args.quiet = not show  # the other processes draw no bars (tile bars included) nor device line
+  if show:
     devices = jax.local_devices()
-    err(f'{PROG}: running on {len(devices)} device(s): ' + ', '.join(
+    where = f'process 0 of {size} (each takes 1 file in {size}) ' if size > 1 else ''
+    err(f'{PROG}: {where}running on {len(devices)} device(s): ' + ', '.join(
         f'{d.platform}:{d.id} ({d.device_kind})' for d in devices))
     if args.model and args.noise_level is not None:
       err(f'{PROG}: -n is ignored with -m: the model decides what it removes')
   runner = Runner(args, load_model_fn or load_model)
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
-  seen = {}
-  bar = tqdm.tqdm(jobs, unit='file', disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+  fatal = False
+  bar = tqdm.tqdm(jobs, unit='file', disable=not show, file=sys.stderr, dynamic_ncols=True)
   try:
-    for src, dst in bar:
-      key = os.path.realpath(dst)
+    for i, (src, dst) in bar:
       try:
-        if key in seen:
-          raise JobError(f'{src}: has the same output as {seen[key]} ({dst})')
-        seen[key] = src
+        if i in clashes:
+          raise JobError(clashes[i])
         counts[process(src, dst, fmt, runner, args)] += 1
       except ModelError:
         raise
@@ -384,12 +435,20 @@ def main(argv=None, load_model_fn=None):
         counts['failed'] += 1
         err(f'{src}: {type(e).__name__}: {e}'.splitlines()[0])
   except ModelError as e:
-    bar.close()
     err(f'{PROG}: {e}')
-    return 1
+    fatal = True
   bar.close()
-  print(f'{counts["done"]} done, {counts["skipped"]} skipped, {counts["failed"]} failed')
-  return 1 if counts['failed'] else 0
+  # Every process reaches this gather, a fatal error included, so that none waits forever.
+  totals = distributed.allgather([counts['done'], counts['skipped'], counts['failed'], fatal])
+  done, skipped, failed, fatal_anywhere = totals.sum(axis=0).tolist()
+  if fatal_anywhere:
+    if rank == 0 and not fatal:
+      err(f'{PROG}: stopped by a model error on process(es) '
+          + ', '.join(str(i) for i in range(size) if totals[i, 3]))
+    return 1
+  if rank == 0:
+    print(f'{done} done, {skipped} skipped, {failed} failed')
+  return 1 if failed else 0
 
 
 if __name__ == '__main__':
