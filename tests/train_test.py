@@ -96,6 +96,8 @@ def test_metrics_plot_restore_and_export(tmp_path):
   assert [r['step'] for r in val] == [2, 4]
   assert all(np.isfinite(r['val_psnr']) and r['val_bicubic_psnr'] > 10 for r in val)
   assert (workdir / train.PLOT_FILE).stat().st_size > 1000
+  samples = np.asarray(Image.open(workdir / train.SAMPLES_FILE))
+  assert samples.shape[1] == 4 * 40 + 3 * 4  # input, bicubic, model, truth of the 40x40 held-out image
   assert sorted(os.listdir(workdir / checkpoint.CHECKPOINT_DIR)) == ['2', '4']
 
   # Two lines in a script: params only, no optimizer state.

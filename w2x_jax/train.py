@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
+from PIL import Image
 
 from w2x_jax import checkpoint
 from w2x_jax import data
@@ -29,6 +30,7 @@ from w2x_jax import models
 
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'progress.png'
+SAMPLES_FILE = 'samples.png'  # held-out crops: input, bicubic, model, truth (rewritten at validation)
 DATA_AXIS = 'data'
 
 
@@ -164,9 +166,11 @@ class Validator:
     self.scale = scale
     self.hr = np.stack(crops)
     self.lr = np.stack([evaluate.degrade_for_eval(im, scale, config.data.noise_level) for im in crops])
-    self.bicubic_psnr = float(np.mean([
-        metrics_lib.psnr_y(evaluate.bicubic_upscale(lr, scale), hr, border=scale)
-        for lr, hr in zip(self.lr, self.hr)]))
+    self.bicubic = np.stack([evaluate.bicubic_upscale(lr, scale) for lr in self.lr])
+    self.bicubic_psnr = float(np.mean([metrics_lib.psnr_y(b, hr, border=scale)
+                                       for b, hr in zip(self.bicubic, self.hr)]))
+    self.channels = channels
+    self.outputs = None  # the last validation's outputs (uint8), for the samples picture
     margin = models.receptive_margin(config.model)
     model = models.build_model(config.model)
 
@@ -189,8 +193,26 @@ class Validator:
     out = metrics_lib.to_uint8_range(jax.device_get(self._predict(jax.device_get(params), self.lr)))
     model_psnr = float(np.mean([metrics_lib.psnr_y(o, h, border=self.scale)
                                 for o, h in zip(out, self.hr)]))
+    self.outputs = out.astype(np.uint8)
     return {'val_psnr': model_psnr, 'val_bicubic_psnr': self.bicubic_psnr,
             'val_gain': model_psnr - self.bicubic_psnr}
+
+
+  def write_samples(self, path):
+    """Input (nearest), bicubic, model and ground truth side by side, written atomically."""
+    outputs = self.outputs
+    if self.channels == 1:  # a luma model: show its Y with bicubic's colour
+      outputs = [_with_chroma_of(o, b) for o, b in zip(outputs, self.bicubic)]
+    picture = evaluate.side_by_side(list(zip(self.lr, self.bicubic, outputs, self.hr)), self.scale)
+    tmp = path + '.tmp.png'
+    Image.fromarray(picture).save(tmp)
+    os.replace(tmp, path)
+
+
+def _with_chroma_of(luma_rgb, colour_rgb):
+  ycbcr = np.asarray(Image.fromarray(colour_rgb).convert('YCbCr')).copy()
+  ycbcr[..., 0] = luma_rgb[..., 0]
+  return np.asarray(Image.fromarray(ycbcr, 'YCbCr').convert('RGB'))
 
 
 def _centre_crop(image, side):
@@ -372,6 +394,7 @@ def train_and_evaluate(config, workdir, devices=None):
     log.write(step, **val)
     if jax.process_index() == 0:
       write_plot(log.rows(), os.path.join(workdir, PLOT_FILE))
+      validate.write_samples(os.path.join(workdir, SAMPLES_FILE))
     return val
 
   generator = data.PatchGenerator(
@@ -418,9 +441,10 @@ def train_and_evaluate(config, workdir, devices=None):
     manager.wait_until_finished()
   if step >= tc.num_steps and last_val is not None and jax.process_index() == 0:
     logging.info('Done: %d steps. Validation PSNR %.2f dB vs bicubic %.2f dB (%+.2f dB). '
-                 'Checkpoints in %s, curves in %s', step, last_val['val_psnr'],
+                 'Checkpoints in %s, curves in %s, samples in %s', step, last_val['val_psnr'],
                  last_val['val_bicubic_psnr'], last_val['val_gain'],
-                 os.path.join(workdir, checkpoint.CHECKPOINT_DIR), os.path.join(workdir, PLOT_FILE))
+                 os.path.join(workdir, checkpoint.CHECKPOINT_DIR), os.path.join(workdir, PLOT_FILE),
+                 os.path.join(workdir, SAMPLES_FILE))
   return state
 
 
