@@ -1,0 +1,674 @@
+"""The local web page: `python -m w2x_jax.web [--port 8812] [--model DIR ...]`.
+
+Serves a waifu2x-like page on 127.0.0.1: choose or drop an image, pick noise reduction, scale,
+model, TTA and output format, watch the progress, compare the result with the input and download
+it. The work is the upscale command's (`upscale.upscale_loaded`, the same options and the same
+output format rule), done by one worker thread that takes the jobs one at a time from a queue.
+
+Every model (the shipped ones that are installed in w2x_jax/weights/, and each `--model`) is loaded
+once at start-up into one `inference.Upscaler` kept for the server's lifetime, so each tile shape
+compiles once. Uploads are read with a byte limit and spooled into the server's own temporary
+folder, checked (an image Pillow decodes, within the pixel limit) before they are queued; results
+are written into that folder, served from it, and removed after a while; the folder goes at exit.
+A request never names a file: jobs are looked up by a random id, the page's files are held in
+memory. Built on Starlette (routing, streaming request bodies, file responses) served by uvicorn.
+"""
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import math
+import os
+import queue
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.parse
+
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+import uvicorn
+
+from w2x_jax import image_io
+from w2x_jax import inference
+from w2x_jax import upscale
+
+PROG = 'w2x_jax.web'
+DEFAULT_HOST = '127.0.0.1'
+DEFAULT_PORT = 8812
+DEFAULT_MAX_PIXELS = '3000x3000'
+DEFAULT_MAX_UPLOAD = '100M'
+DEFAULT_MAX_QUEUE = 8
+LOOPBACK_HOSTS = ('127.0.0.1', 'localhost', '::1', '[::1]')
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web_static')
+STATIC_TYPES = {'.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8',
+                '.css': 'text/css; charset=utf-8'}
+MEDIA_TYPES = {'png': 'image/png', 'webp': 'image/webp', 'jpeg': 'image/jpeg'}
+SHIPPED_ID = 'shipped'
+MAX_PAGE_SCALE = 4  # the page offers 1x, 2x and 4x: 8x of a large image would not fit memory
+KEEP_SECONDS = 30 * 60  # a finished job's files are removed after this ...
+KEEP_FINISHED = 8  # ... or when this many newer jobs have finished
+NO_MODEL_MESSAGE = (
+    'No model is installed: start the server with --model DIR (an exported model folder, a '
+    'training workdir, or a folder of them), or install the shipped models in {weights}.')
+
+
+class RequestError(Exception):
+  """A request that is refused: HTTP status and a one-line message for the page."""
+
+  def __init__(self, status, message):
+    super().__init__(message)
+    self.status = status
+
+
+class _Cancelled(Exception):
+  pass
+
+
+# Command-line values.
+
+def parse_pixels(text):
+  """'3000x3000' or '9000000' -> a pixel count."""
+  m = re.fullmatch(r'\s*(\d+)\s*[xX*]\s*(\d+)\s*', text)
+  value = int(m[1]) * int(m[2]) if m else int(text) if text.strip().isdigit() else 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected WIDTHxHEIGHT or a pixel count')
+  return value
+
+
+def parse_bytes(text):
+  """'100M', '512K', '1G' or plain bytes -> bytes."""
+  m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)[bB]?\s*', text)
+  if not m or float(m[1]) <= 0:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a size such as 100M, 512K or 1G')
+  return int(float(m[1]) * 1024 ** ' KMG'.index(m[2].upper() or ' '))
+
+
+def format_bytes(n):
+  for unit, size in (('GB', 1 << 30), ('MB', 1 << 20), ('KB', 1 << 10)):
+    if n >= size:
+      return f'{n / size:.3g} {unit}'
+  return f'{n} bytes'
+
+
+def format_pixels(n):
+  side = math.isqrt(n)
+  square = f' ({side}x{side})' if side * side == n else ''
+  return f'{n / 1e6:.3g} megapixels{square}'
+
+
+# Models.
+
+def _is_model_dir(path):
+  from w2x_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  return (os.path.isfile(os.path.join(path, checkpoint.PARAMS_FILE))
+          or os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR))
+          or os.path.isdir(os.path.join(path, 'params')))
+
+
+def find_model_dirs(paths):
+  """Absolute folders of the --model arguments: each a model, or a folder of models."""
+  found = []
+  for path in paths:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+      raise upscale.ModelError(f'{path}: no such model folder')
+    if _is_model_dir(path):
+      found.append(path)
+      continue
+    subs = [os.path.join(path, d) for d in sorted(os.listdir(path)) if not d.startswith('.')]
+    subs = [d for d in subs if os.path.isdir(d) and _is_model_dir(d)]
+    if not subs:
+      raise upscale.ModelError(f'{path}: neither a model (an exported model or a training workdir) '
+                               'nor a folder of them')
+    found.extend(subs)
+  return list(dict.fromkeys(found))
+
+
+def installed_shipped(weights_dir):
+  paths = {n: os.path.join(weights_dir, n) for n in upscale.shipped_names()}
+  return [n for n, p in paths.items() if os.path.isdir(p) and _is_model_dir(p)]
+
+
+def model_scales(scale):
+  """The scales the page offers for a model of `scale`: its powers up to MAX_PAGE_SCALE."""
+  if scale == 1:
+    return [1]
+  return [scale ** k for k in range(1, 8) if scale ** k <= max(MAX_PAGE_SCALE, scale)]
+
+
+def _labels(paths):
+  """Short unique labels: the folder name, with its parents' names while two are alike."""
+  labels = {}
+  for depth in range(1, 8):
+    labels = {p: os.path.join(*p.split(os.sep)[-depth:]) for p in paths}
+    if len(set(labels.values())) == len(paths):
+      break
+  return labels
+
+
+# Jobs.
+
+@dataclasses.dataclass(eq=False)
+class Job:
+  id: str
+  seq: int
+  dir: str
+  name: str  # the uploaded file's name, for messages and the download
+  args: argparse.Namespace = None
+  fmt: str = 'png'
+  state: str = 'uploading'  # uploading, queued, running, done, error, cancelled
+  message: str = ''
+  input_size: tuple = (0, 0)  # width, height
+  result_size: tuple = (0, 0)
+  result_bytes: int = 0
+  pass_index: int = 0
+  passes: int = 0
+  tiles_done: int = 0
+  tiles_total: int = 0
+  tiles_all: int = 0  # of the finished passes
+  created: float = dataclasses.field(default_factory=time.time)
+  started: float = 0.0
+  finished: float = 0.0
+  cancel: bool = False
+
+  @property
+  def upload(self):
+    return os.path.join(self.dir, 'upload')
+
+  @property
+  def result(self):
+    return os.path.join(self.dir, 'result' + image_io.SUFFIXES[self.fmt])
+
+  @property
+  def download_name(self):
+    return os.path.splitext(self.name)[0] + '_w2x' + image_io.SUFFIXES[self.fmt]
+
+  @property
+  def active(self):
+    return self.state in ('uploading', 'queued', 'running')
+
+
+def _safe_name(text):
+  """The basename of what the browser sent, without control or path characters."""
+  name = urllib.parse.unquote(text or '').replace('\\', '/').rsplit('/', 1)[-1]
+  name = ''.join(ch for ch in name if ch.isprintable() and ch not in '"<>|:*?').strip(' .')
+  return name[:120] or 'image'
+
+
+class Server:
+  """The models, the job table, the queue and its one worker thread, and the temporary folder."""
+
+  def __init__(self, args, load_fn=None):
+    self.args = args
+    self.max_pixels = args.max_pixels
+    # Pillow's own guard against decompression bombs must not refuse what the limit allows.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, args.max_pixels)
+    self.max_upload = args.max_upload
+    self.max_queue = args.max_queue
+    self.weights_dir = os.path.abspath(args.weights_dir or upscale.WEIGHTS_DIR)
+    load_fn = load_fn or (lambda key: upscale.load_model(key, self.weights_dir))
+    base = argparse.Namespace(tile_size=args.tile_size, batch_size=args.batch_size)
+    self.upscalers = {}  # model key -> Upscaler, shared by every job's upscale.Runner
+    loader = upscale.Runner(base, load_fn, upscalers=self.upscalers)
+    self.shipped = installed_shipped(self.weights_dir)
+    for name in self.shipped:
+      loader.upscaler(name)
+    self.models = []  # what the page lists
+    if self.shipped:
+      self.models.append({'id': SHIPPED_ID, 'label': 'waifu2x (shipped models)', 'key': None,
+                          'scales': [s for s in upscale.SCALES if s <= MAX_PAGE_SCALE],
+                          'noise': True})
+    paths = find_model_dirs(args.model or [])
+    labels = _labels(paths)
+    for i, path in enumerate(paths):
+      scale = loader.upscaler(path).scale
+      self.models.append({'id': f'm{i}', 'label': f'{labels[path]} ({scale}x)', 'key': path,
+                          'scales': model_scales(scale), 'noise': False})
+    self.message = '' if self.models else NO_MODEL_MESSAGE.format(weights=self.weights_dir)
+    self._static = {}
+    for name in sorted(os.listdir(STATIC_DIR)):
+      suffix = os.path.splitext(name)[1]
+      if suffix in STATIC_TYPES:
+        with open(os.path.join(STATIC_DIR, name), 'rb') as f:
+          self._static[name] = (f.read(), STATIC_TYPES[suffix])
+    self.tmp = tempfile.mkdtemp(prefix='w2x-web-', dir=args.temp_dir)
+    self.jobs = {}
+    self.lock = threading.Lock()
+    self.queue = queue.Queue()
+    self._seq = itertools.count()
+    self._probe_lock = None  # an asyncio.Lock, made in the event loop
+    self.worker = threading.Thread(target=self._work, name='w2x-web-worker', daemon=True)
+    self.worker.start()
+
+  def close(self):
+    with self.lock:
+      for job in self.jobs.values():
+        job.cancel = True
+    self.queue.put(None)
+    self.worker.join(timeout=30)
+    shutil.rmtree(self.tmp, ignore_errors=True)
+
+  # The worker.
+
+  def _work(self):
+    while True:
+      try:
+        job = self.queue.get(timeout=60)
+      except queue.Empty:
+        self._sweep()  # old results go even when nobody asks for more
+        continue
+      if job is None:
+        return
+      if job.cancel:
+        continue
+      try:
+        self._run(job)
+      finally:
+        self._sweep()
+
+  def _run(self, job):
+    job.state, job.started = 'running', time.time()
+
+    def pass_progress(i, n):
+      job.pass_index, job.passes, job.tiles_done, job.tiles_total = i, n, 0, 0
+
+      def progress(done, total):
+        job.tiles_done, job.tiles_total = done, total
+        if done == total:
+          job.tiles_all += total
+        if job.cancel:
+          raise _Cancelled()
+      return progress
+    try:
+      try:
+        image, info = image_io.read_image(job.upload)
+      finally:
+        _remove(job.upload)
+      if job.cancel:
+        raise _Cancelled()
+      runner = upscale.Runner(job.args, self._not_loaded, upscalers=self.upscalers)
+      out = upscale.upscale_loaded(image, info, job.fmt, runner, job.args, job.name,
+                                   pass_progress)
+      del image
+      image_io.write_image(job.result, out, info, job.fmt, job.args.quality)
+      job.result_size, job.result_bytes = (out.shape[1], out.shape[0]), os.path.getsize(job.result)
+      job.state = 'done'
+    except _Cancelled:
+      job.state = 'cancelled'
+    except (upscale.JobError, upscale.ModelError, image_io.ImageError) as e:
+      job.state, job.message = 'error', str(e).replace(job.upload, job.name).replace(
+          job.dir + os.sep, '')
+    except MemoryError:
+      job.state, job.message = 'error', f'{job.name}: out of memory; try a smaller image or scale'
+    except Exception as e:  # pylint: disable=broad-except (report it, keep serving)
+      traceback.print_exc()
+      job.state, job.message = 'error', f'{job.name}: internal error: {type(e).__name__}: {e}'
+    finally:
+      job.finished = time.time()
+      if job.state != 'done':
+        shutil.rmtree(job.dir, ignore_errors=True)
+
+  def _not_loaded(self, key):
+    raise upscale.ModelError(f'model {key!r} is not installed on this server')
+
+  def _sweep(self):
+    """Removes finished jobs older than KEEP_SECONDS, and all but the KEEP_FINISHED newest."""
+    now = time.time()
+    with self.lock:
+      finished = sorted((j for j in self.jobs.values() if not j.active), key=lambda j: -j.seq)
+      old = [j for i, j in enumerate(finished)
+             if i >= KEEP_FINISHED or now - j.finished > KEEP_SECONDS]
+      for job in old:
+        del self.jobs[job.id]
+    for job in old:
+      shutil.rmtree(job.dir, ignore_errors=True)
+
+  # Requests.
+
+  def options(self, query):
+    """upscale's parsed arguments for the page's choices (RequestError if any is wrong)."""
+    models = {m['id']: m for m in self.models}
+    if not models:
+      raise RequestError(409, self.message)
+    model = models.get(query.get('model', ''))
+    if model is None:
+      raise RequestError(400, f'unknown model {query.get("model", "")!r}')
+
+    def number(key, default, allowed):
+      try:
+        value = int(query.get(key, default))
+      except ValueError:
+        value = None
+      if value not in allowed:
+        raise RequestError(400, f'{key} must be ' + (
+            f'{allowed.start} to {allowed.stop - 1}' if isinstance(allowed, range)
+            else f'one of {", ".join(map(str, allowed))}'))
+      return value
+    default_scale = upscale.DEFAULT_SCALE if upscale.DEFAULT_SCALE in model['scales'] else \
+        model['scales'][0]
+    scale = number('scale', default_scale, model['scales'])
+    fmt = query.get('format', 'png')
+    if fmt not in MEDIA_TYPES:
+      raise RequestError(400, 'format must be png, webp or jpeg')
+    quality = number('quality', image_io.DEFAULT_QUALITY, range(101))
+    argv = ['-i', 'upload', '-o', 'result', '-s', str(scale), '-f', fmt, '-q', str(quality),
+            '--tile-size', str(self.args.tile_size), '--quiet']
+    if self.args.batch_size:
+      argv += ['--batch-size', str(self.args.batch_size)]
+    if model['noise']:
+      argv += ['-n', str(number('noise', upscale.DEFAULT_NOISE, upscale.NOISE_LEVELS))]
+    else:
+      argv += ['-m', model['key']]
+    if query.get('tta', '0') not in ('0', '1', ''):
+      raise RequestError(400, 'tta must be 0 or 1')
+    if query.get('tta') == '1':
+      argv.append('--tta')
+    if query.get('background'):
+      try:
+        image_io.parse_color(query['background'])
+      except ValueError as e:
+        raise RequestError(400, str(e)) from e
+      argv += ['--background', query['background']]
+    try:
+      args = upscale.parse_args(argv)
+    except SystemExit as e:  # not expected: every value was checked above
+      raise RequestError(400, f'bad options: {" ".join(argv)}') from e
+    if model['noise']:  # the shipped models this asks for must all be installed
+      keys, _ = upscale.Runner(args, self._not_loaded, upscalers=self.upscalers).passes(1, 1)
+      missing = [k for k in keys if k not in self.upscalers]
+      if missing:
+        raise RequestError(409, f'shipped model {missing[0]!r} is not installed (noise '
+                           f'{args.noise_level}, scale {scale}); installed: '
+                           f'{", ".join(self.shipped)}')
+    return args, fmt
+
+  def probe(self, job):
+    """Checks the upload before it is queued: an image Pillow can decode, within the limit."""
+    try:
+      with Image.open(job.upload) as im:
+        width, height = im.size
+        if width * height > self.max_pixels:
+          raise RequestError(422, f'{job.name}: {width}x{height} is {width * height / 1e6:.3g} '
+                             'megapixels, over the limit of this server: '
+                             f'{format_pixels(self.max_pixels)}; shrink the image, or start the '
+                             'server with a larger --max-pixels')
+        im.load()  # damaged data shows here, not after waiting in the queue
+    except Image.DecompressionBombError as e:
+      raise RequestError(422, f'{job.name}: too many pixels for this server (at most '
+                         f'{format_pixels(self.max_pixels)})') from e
+    except Image.UnidentifiedImageError as e:
+      raise RequestError(415, f'{job.name}: not an image, or a damaged one (Pillow cannot '
+                         'identify it)') from e
+    except RequestError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except (decoders raise many kinds)
+      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise RequestError(422, f'{job.name}: a damaged image, cannot read it: {reason}') from e
+    job.input_size = (width, height)
+
+  def status(self, job):
+    out = {'id': job.id, 'state': job.state, 'name': job.name, 'message': job.message,
+           'input': {'width': job.input_size[0], 'height': job.input_size[1]}}
+    if job.state == 'queued':
+      with self.lock:
+        out['queue_position'] = sum(1 for j in self.jobs.values()
+                                    if j.state in ('queued', 'running') and j.seq < job.seq)
+    if job.state == 'running' and job.passes:
+      out.update(pass_index=job.pass_index, passes=job.passes, tiles_done=job.tiles_done,
+                 tiles_total=job.tiles_total,
+                 progress=(job.pass_index + job.tiles_done / max(job.tiles_total, 1))
+                 / job.passes)
+    if job.started:
+      out['started_at'] = job.started
+    if job.finished and job.started:
+      out.update(finished_at=job.finished, seconds=round(job.finished - job.started, 3))
+    if job.state == 'done':
+      url = f'/api/jobs/{job.id}/result'
+      out.update(progress=1.0, passes=job.passes, tiles_all=job.tiles_all, result={
+          'url': url, 'download_url': url + '?download=1', 'name': job.download_name,
+          'format': job.fmt, 'width': job.result_size[0], 'height': job.result_size[1],
+          'bytes': job.result_bytes})
+    return out
+
+  def _job(self, request):
+    job = self.jobs.get(request.path_params['job_id'])
+    if job is None:
+      raise RequestError(404, 'no such job (finished jobs are removed after a while)')
+    return job
+
+  # Endpoints.
+
+  async def page(self, request):
+    name = request.path_params.get('name', 'index.html')
+    if name not in self._static:
+      return _error(404, 'not found')
+    body, media_type = self._static[name]
+    return Response(body, media_type=media_type, headers={'Cache-Control': 'no-cache'})
+
+  async def config(self, request):
+    return _json({'models': [{k: v for k, v in m.items() if k != 'key'} for m in self.models],
+                  'message': self.message, 'noise_levels': list(upscale.NOISE_LEVELS),
+                  'default_noise': upscale.DEFAULT_NOISE, 'default_scale': upscale.DEFAULT_SCALE,
+                  'formats': list(MEDIA_TYPES), 'default_quality': image_io.DEFAULT_QUALITY,
+                  'max_pixels': self.max_pixels, 'max_pixels_text': format_pixels(self.max_pixels),
+                  'max_upload_bytes': self.max_upload,
+                  'max_upload_text': format_bytes(self.max_upload)})
+
+  async def create_job(self, request):
+    if 'x-filename' not in request.headers:  # also makes other sites' forms need a preflight
+      return _error(400, 'upload with the page (the X-Filename header is missing)')
+    name = _safe_name(request.headers['x-filename'])
+    too_big = (f'{name}: larger than the upload limit of {format_bytes(self.max_upload)} '
+               '(start the server with a larger --max-upload)')
+    try:
+      args, fmt = self.options(request.query_params)
+      length = request.headers.get('content-length')
+      if length is not None and length.isdigit() and int(length) > self.max_upload:
+        raise RequestError(413, too_big)
+    except RequestError as e:
+      return _error(e.status, str(e))
+    with self.lock:
+      if sum(1 for j in self.jobs.values() if j.active) >= self.max_queue:
+        return _error(503, f'the server is busy ({self.max_queue} jobs waiting); try again later')
+      job = Job(id=secrets.token_urlsafe(12), seq=next(self._seq), name=name, args=args, fmt=fmt,
+                dir=tempfile.mkdtemp(prefix='job-', dir=self.tmp))
+      self.jobs[job.id] = job
+    try:
+      size = 0
+      with open(job.upload, 'xb') as f:
+        async for chunk in request.stream():
+          size += len(chunk)
+          if size > self.max_upload:
+            raise RequestError(413, too_big)
+          f.write(chunk)
+      if size == 0:
+        raise RequestError(400, f'{name}: the upload is empty')
+      if self._probe_lock is None:
+        self._probe_lock = asyncio.Lock()
+      async with self._probe_lock:  # one decode at a time besides the worker's
+        await run_in_threadpool(self.probe, job)
+    except (RequestError, ClientDisconnect, OSError) as e:
+      job.state = 'error'
+      with self.lock:
+        self.jobs.pop(job.id, None)
+      shutil.rmtree(job.dir, ignore_errors=True)
+      if isinstance(e, RequestError):
+        return _error(e.status, str(e))
+      if isinstance(e, OSError):
+        return _error(507, f'{name}: cannot store the upload: {e.strerror or e}')
+      return Response(status_code=400)
+    job.state = 'queued'
+    self.queue.put(job)
+    self._sweep()
+    return _json(self.status(job), status_code=202)
+
+  async def job_status(self, request):
+    try:
+      return _json(self.status(self._job(request)))
+    except RequestError as e:
+      return _error(e.status, str(e))
+
+  async def job_result(self, request):
+    try:
+      job = self._job(request)
+    except RequestError as e:
+      return _error(e.status, str(e))
+    if job.state != 'done':
+      return _error(409, f'{job.name}: no result ({job.state})')
+    download = request.query_params.get('download') == '1'
+    return FileResponse(job.result, media_type=MEDIA_TYPES[job.fmt], filename=job.download_name,
+                        content_disposition_type='attachment' if download else 'inline',
+                        headers={'Cache-Control': 'no-store'})
+
+  async def delete_job(self, request):
+    try:
+      job = self._job(request)
+    except RequestError as e:
+      return _error(e.status, str(e))
+    job.cancel = True
+    with self.lock:
+      if job.state == 'running':
+        return _json({'id': job.id, 'state': 'cancelling'})  # the worker stops it and cleans up
+      self.jobs.pop(job.id, None)
+      if job.state == 'queued':
+        job.state = 'cancelled'
+    shutil.rmtree(job.dir, ignore_errors=True)
+    return _json({'id': job.id, 'state': 'removed'})
+
+
+def _json(obj, status_code=200):
+  return JSONResponse(obj, status_code=status_code, headers={'Cache-Control': 'no-store'})
+
+
+def _error(status, message):
+  return _json({'error': message}, status_code=status)
+
+
+def _remove(path):
+  try:
+    os.remove(path)
+  except OSError:
+    pass
+
+
+def make_app(server, allowed_hosts=None):
+  """The Starlette app. With `allowed_hosts`, other Host headers are refused (DNS rebinding)."""
+  routes = [
+      Route('/', server.page),
+      Route('/static/{name}', server.page),
+      Route('/api/config', server.config),
+      Route('/api/jobs', server.create_job, methods=['POST']),
+      Route('/api/jobs/{job_id}', server.job_status),
+      Route('/api/jobs/{job_id}', server.delete_job, methods=['DELETE']),
+      Route('/api/jobs/{job_id}/result', server.job_result),
+  ]
+  middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts \
+      else []
+  return Starlette(routes=routes, middleware=middleware)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      prog=f'python -m {PROG}', description='A local waifu2x web page: upscale and denoise '
+      'images in the browser, on this machine.')
+  p.add_argument('--host', default=DEFAULT_HOST, help='address to listen on (default '
+                 '%(default)s: this machine only; another address lets the network in)')
+  p.add_argument('--port', type=int, default=DEFAULT_PORT,
+                 help='port (default %(default)s; 0 picks a free one)')
+  p.add_argument('-m', '--model', action='append', metavar='DIR',
+                 help='an exported model folder, a training workdir, or a folder of them; '
+                 'repeatable. The installed shipped models are listed too')
+  p.add_argument('--weights-dir', default=None, help=f'where the shipped models are (default '
+                 f'{upscale.WEIGHTS_DIR})')
+  p.add_argument('--max-pixels', type=parse_pixels, default=parse_pixels(DEFAULT_MAX_PIXELS),
+                 metavar='WxH', help=f'largest input, as WIDTHxHEIGHT or a pixel count (default '
+                 f'{DEFAULT_MAX_PIXELS})')
+  p.add_argument('--max-upload', type=parse_bytes, default=parse_bytes(DEFAULT_MAX_UPLOAD),
+                 metavar='SIZE', help=f'largest upload, e.g. 100M (default {DEFAULT_MAX_UPLOAD})')
+  positive = upscale._positive  # pylint: disable=protected-access (the command's own check)
+  p.add_argument('--max-queue', type=positive, default=DEFAULT_MAX_QUEUE,
+                 help='jobs waiting or running at most (default %(default)s)')
+  p.add_argument('--tile-size', type=positive, default=inference.DEFAULT_TILE_SIZE,
+                 help='tile side in input pixels, margins included (default %(default)s)')
+  p.add_argument('--batch-size', type=positive, default=None,
+                 help='tiles per step (default: one per device)')
+  p.add_argument('--temp-dir', default=None,
+                 help='where the server makes its temporary folder (default: the system\'s)')
+  return p.parse_args(argv)
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt()
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  say = lambda msg: print(f'{PROG}: {msg}', flush=True)
+  # SIGTERM as Ctrl+C: uvicorn shuts down gracefully, then re-raises it; the temporary folder goes.
+  signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    return _serve(args, say)
+  except KeyboardInterrupt:
+    say('stopped')
+    return 0
+
+
+def _serve(args, say):
+  import jax  # pylint: disable=g-import-not-at-top (after the arguments: --help stays quick)
+  devices = jax.local_devices()
+  say(f'running on {len(devices)} device(s): ' + ', '.join(
+      f'{d.platform}:{d.id} ({d.device_kind})' for d in devices))
+  try:
+    server = Server(args)
+  except upscale.ModelError as e:
+    say(str(e))
+    return 2
+  if server.models:
+    say('models: ' + '; '.join(
+        m['label'] + (f' ({", ".join(server.shipped)})' if m['id'] == SHIPPED_ID else '')
+        for m in server.models))
+  else:
+    say(server.message)
+  try:
+    family = socket.AF_INET6 if ':' in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      sock.bind((args.host, args.port))
+    except OSError as e:
+      say(f'cannot listen on {args.host}:{args.port}: {e.strerror or e} (choose another --port)')
+      return 1
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    loopback = args.host in LOOPBACK_HOSTS
+    if not loopback:
+      say(f'warning: listening on {args.host}: other machines can reach this page')
+    host = f'[{args.host}]' if ':' in args.host else args.host
+    allowed = list(LOOPBACK_HOSTS) if loopback else None
+    config = uvicorn.Config(make_app(server, allowed), log_level='warning', access_log=False,
+                            lifespan='off', timeout_graceful_shutdown=5)
+    say(f'serving http://{host}:{port}/ (Ctrl+C to stop); temporary files in {server.tmp}')
+    uvicorn.Server(config).run(sockets=[sock])
+  finally:
+    server.close()
+  say('stopped')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
