@@ -65,7 +65,7 @@ def save_run_config(workdir, config):
   _write_json_atomic(path, live)
 
 
-def make_manager(workdir, keep=3, read_only=False):
+def make_manager(workdir, keep=3, create=True):
   """Keeps the latest `keep` checkpoints plus the best one by validation PSNR."""
   policy = preservation_policy.AnyPreservationPolicy([
       preservation_policy.LatestN(n=keep),
@@ -75,7 +75,7 @@ def make_manager(workdir, keep=3, read_only=False):
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy,
       # best_fn also makes Orbax write each step's metrics to disk, so the best survives a restart.
-      best_fn=lambda m: m[BEST_METRIC], best_mode='max', create=not read_only, read_only=read_only,
+      best_fn=lambda m: m[BEST_METRIC], best_mode='max', create=create,
       # Synchronous: the models are small, and a step is never left half-written at exit.
       enable_async_checkpointing=False)
   return ocp.CheckpointManager(
@@ -171,7 +171,8 @@ def restore_model(path, step=None, best=False):
   if step_dir is not None:
     params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'params'), abstract)
     return model, params, config
-  manager = make_manager(workdir, read_only=True)
+  # Not Orbax's read_only mode (it warns on every restore); this manager is only read from.
+  manager = make_manager(workdir, create=False)
   if best:
     step = best_step(manager)
   elif step is None:
