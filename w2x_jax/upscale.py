@@ -160,6 +160,11 @@ def resize(image, height, width):
   return out
 
 
+def _say(msg):
+  """A line on stderr that does not break a progress bar."""
+  tqdm.tqdm.write(msg, file=sys.stderr)
+
+
 class Runner:
   """The models of a run: one Upscaler per model, shared by every file (one compilation per tile
   shape), loaded on first use."""
@@ -173,9 +178,14 @@ class Runner:
   def upscaler(self, key):
     if key not in self._upscalers:
       model, params, config = self.load_fn(key)
-      self._upscalers[key] = inference.Upscaler(
+      upscaler = self._upscalers[key] = inference.Upscaler(
           params, config.model, model=model, tile_size=self.args.tile_size,
           batch_size=self.args.batch_size)
+      if not self.args.quiet:
+        margin = upscaler.margin(config.model.channels)
+        overhead = inference.margin_overhead(config.model, upscaler.tile_size)
+        _say(f'{PROG}: model {key}: tiles of {upscaler.tile_size} px overlapping by {margin} px, '
+            f'{overhead:.0%} of the work on the overlap (--tile-size trades it for memory)')
     return self._upscalers[key]
 
   def passes(self, height, width):
@@ -377,7 +387,7 @@ def main(argv=None, load_model_fn=None):
   """Runs the command; returns the exit status. `load_model_fn(name_or_path) -> (model, params,
   config)` replaces the model loading (tests)."""
   args = parse_args(argv)
-  err = lambda msg: tqdm.tqdm.write(msg, file=sys.stderr)
+  err = _say
   try:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            args.distributed)

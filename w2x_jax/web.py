@@ -222,7 +222,7 @@ class Server:
     self.max_queue = args.max_queue
     self.weights_dir = os.path.abspath(args.weights_dir or upscale.WEIGHTS_DIR)
     load_fn = load_fn or (lambda key: upscale.load_model(key, self.weights_dir))
-    base = argparse.Namespace(tile_size=args.tile_size, batch_size=args.batch_size)
+    base = argparse.Namespace(tile_size=args.tile_size, batch_size=args.batch_size, quiet=False)
     self.upscalers = {}  # model key -> Upscaler, shared by every job's upscale.Runner
     loader = upscale.Runner(base, load_fn, upscalers=self.upscalers)
     self.shipped = installed_shipped(self.weights_dir)
