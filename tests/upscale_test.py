@@ -228,3 +228,19 @@ def test_jpeg_alpha_refused_or_composited_and_bad_args(tmp_path, capsys, model_d
   with pytest.raises(SystemExit) as e:
     upscale.main(['-i', 'x', '-o', 'y', '-s', '3'])
   assert e.value.code == 2
+
+
+def test_shipped_default_model_needs_no_argument(tmp_path, capsys):
+  """On a fresh clone: `python -m w2x_jax.upscale -i photo.png -o out.png` (noise 0, 2x, shipped)."""
+  rng = np.random.default_rng(3)
+  small = rng.integers(0, 256, (12, 16, 3), np.uint8)
+  Image.fromarray(small).resize((64, 48), Image.Resampling.BICUBIC).save(tmp_path / 'photo.png')
+  code, out, err = _run(capsys, '-i', tmp_path / 'photo.png', '-o', tmp_path / 'out.png')
+  assert code == 0, err
+  assert out.strip() == '1 done, 0 skipped, 0 failed'
+  with Image.open(tmp_path / 'out.png') as im:
+    result = np.asarray(im.convert('RGB'), np.float64)
+  bicubic = np.asarray(Image.open(tmp_path / 'photo.png').resize((128, 96), Image.Resampling.BICUBIC),
+                       np.float64)
+  assert result.shape == (96, 128, 3)
+  assert 0.5 < np.abs(result - bicubic).mean() < 20  # the model's own picture, not bicubic, not noise
