@@ -4,9 +4,10 @@ Every model is called as `model.apply({'params': params}, x)` with `x` NHWC in [
 `channels` channels; the output is `(N, H*s, W*s, channels)` float32, not clipped.
 
 Conventions shared by both models:
-- every convolution goes through `Conv`, which calls one function (`conv2d` by default, or the
-  `conv_fn` given to `build_model`), so a faster convolution can be swapped in without touching the
-  architectures;
+- every convolution goes through `Conv`, which calls one function: the `conv_fn` given to
+  `build_model`, else `conv.get_conv_fn(model_cfg.get('conv', 'auto'))` (on CPU, XLA's convolution
+  forward with a matmul backward pass), so a faster convolution can be swapped in without touching
+  the architectures;
 - convolutions are stride 1 with SAME (zero) padding; params are float32, the convolutions compute
   in `model_cfg.get('dtype', 'float32')`; the interpolated-input skip and the final add are float32
   (the skip carries most of the signal, and bfloat16 rounds more coarsely than 8-bit pixels);
@@ -28,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from w2x_jax import conv as conv_lib
+
 MODEL_NAMES = ('dcscn', 'espcn_su')
 ACTIVATIONS = ('selu', 'prelu', 'relu', 'leaky_relu')
 SELECTION_ACTIVATIONS = ACTIVATIONS + ('none',)
@@ -37,10 +40,7 @@ PRELU_INIT = 0.1  # jiny2001's DCSCN initialises its per-channel PReLU alphas to
 _INTERP_RADIUS = {'none': 0, 'bilinear': 1, 'bicubic': 2}  # LR pixels each side a skip sample reads
 
 
-def conv2d(x, kernel):
-  """Stride-1, SAME (zero-padded) convolution of NHWC `x` with an HWIO kernel."""
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+conv2d = conv_lib.conv2d_xla  # stride-1, SAME (zero-padded), NHWC x, HWIO kernel
 
 
 def pixel_shuffle(x, scale):
@@ -256,9 +256,14 @@ def _check_choice(field, value, allowed):
     raise ValueError(f'models.py: model.{field}={value!r} must be one of {list(allowed)}')
 
 
-def build_model(model_cfg, conv_fn=conv2d):
-  """The Linen module that `model_cfg` describes; `conv_fn(x, kernel)` does every convolution."""
+def build_model(model_cfg, conv_fn=None):
+  """The Linen module that `model_cfg` describes; `conv_fn(x, kernel)` does every convolution
+  (default: the one `model_cfg.conv` names, 'auto' where absent; see conv.py)."""
   _check_choice('name', model_cfg.name, MODEL_NAMES)
+  if conv_fn is None:
+    conv_name = model_cfg.get('conv', 'auto')
+    _check_choice('conv', conv_name, conv_lib.CONV_NAMES)
+    conv_fn = conv_lib.get_conv_fn(conv_name)
   _check_choice('activation', model_cfg.activation, ACTIVATIONS)
   if model_cfg.scale < 1:
     raise ValueError(f'models.py: model.scale={model_cfg.scale} must be >= 1')

@@ -1,0 +1,193 @@
+"""Convolutions: every implementation equals lax.conv_general_dilated and its jax.grad."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import espcn_su
+from configs import test as test_config
+from w2x_jax import conv
+from w2x_jax import models
+
+IMPLS = ('xla', 'matmul')
+
+
+@pytest.fixture(params=['xla_dk', 'matmul_dk_per_sample', 'matmul_dk_one_product'])
+def kernel_grad_path(request, monkeypatch):
+  """Runs a test with each kernel-gradient route of the 'matmul' conv (chosen per channel count),
+  the matmul route with a product per sample and with one product over the whole batch."""
+  monkeypatch.setattr(conv, '_xla_kernel_grad_is_faster',
+                      lambda cin, cout: request.param == 'xla_dk')
+  monkeypatch.setattr(conv, '_MATMUL_CHUNK_ROWS', 1 if request.param.endswith('sample') else 10 ** 9)
+  return request.param
+
+
+def _reference(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _data(x_shape, k_shape, dtype=jnp.float32, seed=0):
+  kx, kk, kc = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, x_shape, dtype)
+  kernel = jax.random.normal(kk, k_shape, dtype)
+  out_shape = x_shape[:3] + (k_shape[3],)
+  cot = jax.random.normal(kc, out_shape, dtype)  # a generic cotangent
+  return x, kernel, cot
+
+
+def _value_and_grads(fn, x, kernel, cot):
+  y, vjp = jax.vjp(fn, x, kernel)
+  return (y,) + vjp(cot)
+
+
+# (x shape, kernel shape): 3x3 and 1x1, odd sizes, Cin < Cout and Cin > Cout (both dkernel paths),
+# a non-square image, one sample, and a 5x5 / even kernel (SAME pads more after than before).
+SHAPES = [
+    ((2, 7, 5, 3), (3, 3, 3, 4)),
+    ((2, 5, 7, 6), (3, 3, 6, 4)),
+    ((1, 9, 9, 5), (3, 3, 5, 5)),
+    ((3, 5, 3, 4), (1, 1, 4, 6)),
+    ((2, 6, 5, 7), (1, 1, 7, 2)),
+    ((1, 7, 6, 3), (5, 5, 3, 2)),
+    ((2, 6, 7, 2), (2, 2, 2, 3)),
+]
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('x_shape,k_shape', SHAPES)
+def test_values_and_grads_match_lax(impl, x_shape, k_shape, kernel_grad_path):
+  if impl == 'xla' and kernel_grad_path != 'xla_dk':
+    pytest.skip('the route only concerns the matmul conv')
+  fn = conv.get_conv_fn(impl)
+  x, kernel, cot = _data(x_shape, k_shape)
+  want = _value_and_grads(_reference, x, kernel, cot)
+  got = jax.jit(lambda x, k, c: _value_and_grads(fn, x, k, c))(x, kernel, cot)
+  for name, g, w in zip(('y', 'dx', 'dkernel'), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_grad_of_scalar_loss_and_second_use(impl, kernel_grad_path):
+  """jax.grad through a conv used twice (its input also feeds another op), as in the models."""
+  if impl == 'xla' and kernel_grad_path != 'xla_dk':
+    pytest.skip('the route only concerns the matmul conv')
+  fn = conv.get_conv_fn(impl)
+  x, kernel, _ = _data((2, 5, 6, 4), (3, 3, 4, 4), seed=1)
+
+  def loss(c):
+    return lambda x, k: jnp.sum(jnp.tanh(c(jnp.sin(x), k)) * x[..., :1] + c(c(x, k), k) ** 2)
+
+  want = jax.grad(loss(_reference), (0, 1))(x, kernel)
+  got = jax.jit(jax.grad(loss(fn), (0, 1)))(x, kernel)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-3)
+
+
+def test_vmap_over_batch(kernel_grad_path):
+  fn = conv.get_conv_fn('matmul')
+  x, kernel, _ = _data((3, 2, 5, 5, 3), (3, 3, 3, 4), seed=2)
+  cot = jax.random.normal(jax.random.key(7), (3, 2, 5, 5, 4))
+  per = jax.vmap(lambda x, c: _value_and_grads(fn, x, kernel, c))(x, cot)
+  ref = jax.vmap(lambda x, c: _value_and_grads(_reference, x, kernel, c))(x, cot)
+  for g, w in zip(per, ref):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_inputs(kernel_grad_path):
+  fn = conv.get_conv_fn('matmul')
+  x, kernel, cot = _data((2, 6, 5, 8), (3, 3, 8, 6), jnp.bfloat16, seed=3)
+  got = jax.jit(lambda x, k, c: _value_and_grads(fn, x, k, c))(x, kernel, cot)
+  want = _value_and_grads(_reference, x.astype(jnp.float32), kernel.astype(jnp.float32),
+                          cot.astype(jnp.float32))
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(w)))
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=0.02 * scale)
+
+
+def test_data_parallel_sharding(kernel_grad_path):
+  """The batch sharded over every device (conftest: 4 CPU devices) gives the same gradients."""
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  fn = conv.get_conv_fn('matmul')
+  x, kernel, cot = _data((2 * len(devices), 5, 6, 3), (3, 3, 3, 5), seed=4)
+  x = jax.device_put(x, NamedSharding(mesh, P('data')))
+  cot = jax.device_put(cot, NamedSharding(mesh, P('data')))
+  kernel = jax.device_put(kernel, NamedSharding(mesh, P()))
+  got = jax.jit(lambda x, k, c: _value_and_grads(fn, x, k, c))(x, kernel, cot)
+  want = _value_and_grads(_reference, *(np.asarray(a) for a in (x, kernel, cot)))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_grad_route_by_channels():
+  assert conv._xla_kernel_grad_is_faster(32, 26)  # pylint: disable=protected-access
+  assert conv._xla_kernel_grad_is_faster(64, 64)  # pylint: disable=protected-access
+  assert not conv._xla_kernel_grad_is_faster(62, 55)  # pylint: disable=protected-access
+  assert not conv._xla_kernel_grad_is_faster(152, 134)  # pylint: disable=protected-access
+  assert not conv._xla_kernel_grad_is_faster(32, 3)  # pylint: disable=protected-access
+
+
+def test_get_conv_fn_names():
+  assert conv.get_conv_fn('xla') is conv.conv2d_xla
+  assert conv.get_conv_fn('matmul') is conv.conv2d_matmul_vjp
+  assert conv.get_conv_fn('auto', backend='cpu') is conv.conv2d_matmul_vjp
+  assert conv.get_conv_fn('auto', backend='gpu') is conv.conv2d_xla
+  with pytest.raises(ValueError, match='conv.py'):
+    conv.get_conv_fn('winograd')
+
+
+def _tiny_espcn():
+  cfg = espcn_su.get_config('scale=2').model
+  cfg.filters = (4, 6, 5)
+  return cfg
+
+
+@pytest.mark.parametrize('make_cfg', [lambda: test_config.get_config('scale=2').model, _tiny_espcn],
+                         ids=['dcscn', 'espcn_su'])
+def test_models_agree_across_convs(make_cfg, monkeypatch):
+  cfg = make_cfg()
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.random((2, 7, 6, cfg.channels)), jnp.float32)
+  target = jnp.asarray(rng.random((2, 14, 12, cfg.channels)), jnp.float32)
+  shapes = jax.eval_shape(models.build_model(cfg).init, jax.random.key(0), x)['params']
+  params = jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32), shapes)
+
+  def output_and_grads(impl):
+    cfg.conv = impl
+    model = models.build_model(cfg)
+
+    def loss(p):
+      y = model.apply({'params': p}, x)
+      return jnp.mean(jnp.abs(y - target)), y
+
+    grads, y = jax.jit(jax.grad(loss, has_aux=True))(params)
+    return y, grads
+
+  y0, g0 = output_and_grads('xla')
+  for route in (True, False):  # both kernel-gradient routes of the matmul conv
+    monkeypatch.setattr(conv, '_xla_kernel_grad_is_faster', lambda cin, cout, route=route: route)
+    y1, g1 = output_and_grads('matmul')
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_build_model_defaults_to_auto_and_rejects_unknown():
+  cfg = test_config.get_config('scale=2').model
+  if 'conv' in cfg:
+    del cfg['conv']  # configs written before the field existed (exported models' config.json)
+  model = models.build_model(cfg)
+  assert model.conv_fn is conv.get_conv_fn('auto')
+  cfg.conv = 'fft'
+  with pytest.raises(ValueError, match='model.conv'):
+    models.build_model(cfg)
+
+
+def test_measure_matmul_gflops():
+  assert conv.measure_matmul_gflops(n=128, repeats=2) > 0

@@ -1,0 +1,238 @@
+"""Stride-1 SAME convolutions (NHWC x, HWIO kernel) with interchangeable implementations.
+
+`get_conv_fn(name)` gives the function that `models.build_model` hands to every `Conv`:
+- 'xla': `lax.conv_general_dilated`, differentiated by JAX (XLA convolutions both ways);
+- 'matmul': the same forward, with a `jax.custom_vjp` backward pass built for XLA:CPU, which
+  computes the kernel gradient as a convolution whose window is the whole image, at 0.2-0.3 of
+  matmul speed for 100-250 channels (measured here, 2-core AMD EPYC, jaxlib 0.12):
+  - dx is XLA's convolution of dy with the flipped, in/out-swapped kernel (as fast as the forward);
+  - dkernel is 3 matmuls over every pixel, one per kernel row: the row patches (3 taps along W)
+    of whichever of x and dy has fewer channels, times the other shifted by one row, so it writes
+    3x the smaller tensor instead of a 9x im2col (measured 1.2-1.3x faster than the full im2col
+    for 60-150 channels); with few channels (see `_xla_kernel_grad_is_faster`) XLA's own kernel
+    gradient was faster and is kept;
+  - 1x1 kernels are plain matmuls both ways;
+- 'auto': 'matmul' on CPU, 'xla' elsewhere (GPU/TPU convolution gradients are already fast).
+Both give the same values and gradients up to float rounding (tests/conv_test.py).
+"""
+
+import ctypes
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_NAMES = ('xla', 'matmul', 'auto')
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _check(x, kernel):
+  if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f'conv.py: expected NHWC x and HWIO kernel with matching channels, got '
+                     f'{x.shape} and {kernel.shape}')
+
+
+def _same_pads(k):
+  lo = (k - 1) // 2
+  return lo, k - 1 - lo
+
+
+def conv2d_xla(x, kernel):
+  """Stride-1, SAME (zero-padded) convolution of NHWC `x` with an HWIO kernel, by XLA."""
+  _check(x, kernel)
+  return lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _patches(x, kh, kw, flip):
+  """(N, H, W, kh*kw*C) im2col of `x` for a SAME kernel: channel (i*kw + j)*C + c holds
+  x[n, h + i - lo_h, w + j - lo_w, c] (the taps the forward pass reads), or with `flip`
+  x[n, h + lo_h - i, w + lo_w - j, c] (the taps the input gradient reads); zero outside."""
+  (lo_h, hi_h), (lo_w, hi_w) = _same_pads(kh), _same_pads(kw)
+  n, h, w, c = x.shape
+  if flip:  # tap (i, j) starts at (kh - 1 - i, kw - 1 - j) of x padded by hi before, lo after
+    xp = jnp.pad(x, ((0, 0), (hi_h, lo_h), (hi_w, lo_w), (0, 0)))
+    starts = [(kh - 1 - i, kw - 1 - j) for i in range(kh) for j in range(kw)]
+  else:
+    xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+    starts = [(i, j) for i in range(kh) for j in range(kw)]
+  taps = [lax.slice(xp, (0, a, b, 0), (n, a + h, b + w, c)) for a, b in starts]
+  return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _shift_rows(x, d):
+  """x[n, h + d, w, c], zero outside the image."""
+  if d == 0:
+    return x
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (max(-d, 0), max(d, 0)), (0, 0), (0, 0)))
+  return lax.slice(xp, (0, max(d, 0), 0, 0), (n, max(d, 0) + h, w, c))
+
+
+def _acc_type(dtype):
+  # Sums over every pixel of the batch: accumulate low-precision inputs in float32.
+  return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
+def _input_grad(dy, kernel):
+  """dx: the SAME correlation of dy with the spatially flipped, in/out-swapped kernel (XLA's
+  convolution: no patches needed; XLA drops it where x needs no gradient, as for the image)."""
+  kh, kw = kernel.shape[:2]
+  (lo_h, hi_h), (lo_w, hi_w) = _same_pads(kh), _same_pads(kw)
+  k_t = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  return lax.conv_general_dilated(dy, k_t, (1, 1), ((hi_h, lo_h), (hi_w, lo_w)),
+                                  dimension_numbers=_DIMENSION_NUMBERS)
+
+
+_MATMUL_CHUNK_ROWS = 8192  # pixels per product in _pixel_t_matmul (5 48x48 patches beat 1 and 25)
+
+
+def _pixel_t_matmul(a, b):
+  """sum over every pixel of a^T b: a (N, H, W, m), b (N, H, W, n) -> (m, n).
+
+  A matmul with a long contraction and a small output, which XLA:CPU runs well below matmul
+  speed as one product. Measured here it does better as a batch of products over chunks of
+  whole samples (the fewest samples that make `_MATMUL_CHUNK_ROWS` pixels and divide N), summed,
+  with the operand with fewer channels on the left: up to 1.4x for 60-200 channels."""
+  n = a.shape[0]
+  pixels = a.size // (n * a.shape[-1])
+  group = next((g for g in range(1, n + 1) if n % g == 0 and g * pixels >= _MATMUL_CHUNK_ROWS), n)
+  a3 = a.reshape(n // group, -1, a.shape[-1])
+  b3 = b.reshape(n // group, -1, b.shape[-1])
+  swap = b.shape[-1] < a.shape[-1]
+  lhs, rhs = (b3, a3) if swap else (a3, b3)
+  out = lax.dot_general(lhs, rhs, (((1,), (1,)), ((0,), (0,))),
+                        preferred_element_type=_acc_type(a.dtype)).sum(0)
+  return out.T if swap else out
+
+
+def _kernel_grad(x, dy, kernel_shape):
+  """dkernel as kh matmuls over every pixel, one per kernel row i, each with the kw taps of that
+  row: the row patches (N, H, W, kw*C) of whichever of x and dy has fewer channels, against the
+  other shifted by i - lo_h rows. That writes 3x the smaller tensor plus two row shifts instead of
+  a full 9x im2col, and the kh matmuls are independent (XLA runs them concurrently)."""
+  kh, kw, cin, cout = kernel_shape
+  lo_h = _same_pads(kh)[0]
+  rows = []
+  if cin <= cout:
+    # dk[i, j] = sum_q x[q + (0, j - lo_w)]^T dy[q - (i - lo_h, 0)]
+    p = _patches(x, 1, kw, flip=False)
+    for i in range(kh):
+      rows.append(_pixel_t_matmul(p, _shift_rows(dy, lo_h - i)).reshape(kw, cin, cout))
+  else:
+    # dk[i, j] = sum_q x[q + (i - lo_h, 0)]^T dy[q - (0, j - lo_w)]
+    p = _patches(dy, 1, kw, flip=True)
+    for i in range(kh):
+      dk_i = _pixel_t_matmul(_shift_rows(x, i - lo_h), p)  # (cin, kw*cout)
+      rows.append(dk_i.reshape(cin, kw, cout).transpose(1, 0, 2))
+  return jnp.stack(rows)
+
+
+@jax.custom_vjp
+def _conv_matmul_vjp(x, kernel):
+  return conv2d_xla(x, kernel)
+
+
+def _fwd(x, kernel):
+  return conv2d_xla(x, kernel), (x, kernel)
+
+
+def _xla_kernel_grad_is_faster(cin, cout):
+  """Where XLA:CPU's own kernel gradient beat `_kernel_grad` here (batch 20-25 of 48x48): few
+  channels (cin * cout <= 1024, but not a handful of outputs such as the HR conv's 1 or 3), or up
+  to 64 x 64 channels in multiples of 16. Elsewhere it ran 1.3x (62 -> 55) to 4x (256 -> 128)
+  slower."""
+  if cout < 8:
+    return False
+  return cin * cout <= 1024 or (cin % 16 == 0 and cout % 16 == 0 and cin * cout <= 64 * 64)
+
+
+def _bwd(res, dy):
+  x, kernel = res
+  dy = dy.astype(x.dtype)
+  dx = _input_grad(dy, kernel)
+  if _xla_kernel_grad_is_faster(*kernel.shape[2:]):
+    dk = jax.vjp(lambda k: conv2d_xla(x, k), kernel)[1](dy)[0]
+  else:
+    dk = _kernel_grad(x, dy, kernel.shape)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_conv_matmul_vjp.defvjp(_fwd, _bwd)
+
+
+def _dot1x1(x, w):
+  return lax.dot_general(x, w, (((3,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def _conv1x1(x, w):
+  """A 1x1 convolution (w: (cin, cout)) is a matmul over the pixels, and so are its gradients."""
+  return _dot1x1(x, w)
+
+
+def _fwd1x1(x, w):
+  return _dot1x1(x, w), (x, w)
+
+
+def _bwd1x1(res, dy):
+  x, w = res
+  dy = dy.astype(x.dtype)
+  return _dot1x1(dy, w.T).astype(x.dtype), _pixel_t_matmul(x, dy).astype(w.dtype)
+
+
+_conv1x1.defvjp(_fwd1x1, _bwd1x1)
+
+
+def conv2d_matmul_vjp(x, kernel):
+  """Same values as `conv2d_xla`; the gradients are computed as matmuls (see the module doc)."""
+  _check(x, kernel)
+  if kernel.shape[:2] == (1, 1):
+    return _conv1x1(x, kernel[0, 0])
+  return _conv_matmul_vjp(x, kernel)
+
+
+def get_conv_fn(name='auto', backend=None):
+  """The convolution called `name` (one of CONV_NAMES); 'auto' picks by `backend` (default JAX's)."""
+  if name == 'auto':
+    name = 'matmul' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  if name == 'xla':
+    return conv2d_xla
+  if name == 'matmul':
+    return conv2d_matmul_vjp
+  raise ValueError(f'conv.py: convolution {name!r} must be one of {list(CONV_NAMES)}')
+
+
+def measure_matmul_gflops(n=2048, repeats=5, dtype=jnp.float32):
+  """GFLOP/s of a jitted n x n @ n x n matmul on the default device (best of `repeats`)."""
+  a = jnp.ones((n, n), dtype)
+  b = jnp.ones((n, n), dtype)
+  f = jax.jit(jnp.matmul)
+  jax.block_until_ready(f(a, b))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best / 1e9
+
+
+@functools.cache
+def keep_freed_memory(max_bytes=2 ** 31 - 1):
+  """Makes glibc keep freed memory for reuse instead of returning it to the kernel (process-wide).
+
+  XLA:CPU allocates its large buffers afresh on every call; glibc serves those by mmap and unmaps
+  them on free, so every train step page-faults its activations in again. Measured here: a 315 MB
+  elementwise op ran at 4 GB/s that way and 22 GB/s with freed memory kept, and the seed DCSCN's
+  train step took 4.6 s instead of 4.2 s. One heap (arena), no mmap and trimming only above
+  `max_bytes` keep the pages; the cost is that threads share one malloc lock (the 2-thread patch
+  generator ran 14% slower, still far ahead of training) and that the process keeps its peak heap.
+  Call it once, early (before JAX allocates); returns False where glibc's mallopt is missing."""
+  try:
+    mallopt = ctypes.CDLL('libc.so.6').mallopt
+  except (OSError, AttributeError):
+    return False
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+  return all(mallopt(option, value) == 1 for option, value in (
+      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, int(min(max_bytes, 2 ** 31 - 1)))))
