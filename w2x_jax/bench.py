@@ -90,15 +90,17 @@ def _matmul_row(args):
 
 
 def bench_train(args):
-  """Patches/s of the jitted train step fed by the real generator; GFLOP/s against the matmul peak.
+  """The jitted train step: alone (on batches made beforehand), GFLOP/s against the matmul peak;
+  then fed by the real PatchGenerator, as in training (the generator's threads share the cores).
 
-  Meanwhile one more thread runs the generator flat out: its rate while training runs, over what
-  the step consumes, is the generator's headroom (it must be >= 5).
+  The generator's headroom is its rate alone (its own threads) over what the step consumes: it must
+  be well above 1 for the generator never to be the bottleneck.
   """
-  import threading  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
   from w2x_jax import train  # pylint: disable=g-import-not-at-top
+  conv.keep_freed_memory()  # as train.train_and_evaluate does on CPU
   peak = _matmul_row(args)
   rows = []
   for name in args.presets:
@@ -108,45 +110,35 @@ def bench_train(args):
     scale = config.model.scale
     images, _ = load_bench_images(args.data_dir, data.min_image_size(args.patch_size, scale))
     mesh = train.make_mesh(jax.local_devices())
+    start = time.perf_counter()
     state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0)),
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     step = jax.jit(train.make_train_step(config), donate_argnums=(0,))
     with data.PatchGenerator(images, config.data, scale=scale, batch_size=TRAIN_BATCH, seed=0) as gen:
       batches = iter(gen)
-      start = time.perf_counter()
-      state, m = step(state, train.shard_batch(next(batches)[1], mesh))
+      ready = [train.shard_batch(next(batches)[1], mesh) for _ in range(2)]
+      state, m = step(state, ready[0])
       jax.block_until_ready(m)
-      compile_s = time.perf_counter() - start
+      compile_s = time.perf_counter() - start  # init + first step, as a run's first log line waits
 
-      produced, stop = [0], threading.Event()
+      def timed_steps(next_batch, state):
+        steps, begin = 0, time.perf_counter()
+        while steps < 2 or time.perf_counter() - begin < args.seconds:
+          state, m = step(state, next_batch(steps))
+          jax.block_until_ready(m)
+          steps += 1
+        return state, (time.perf_counter() - begin) / steps
 
-      def produce():
-        k = 0
-        while not stop.is_set():
-          data.make_batch(images, seed=1, step=k, indices=range(TRAIN_BATCH), patch_size=args.patch_size,
-                          scale=scale, noise_level=config.data.noise_level, nr_rate=config.data.nr_rate,
-                          filter_weights=config.data.filter_weights)
-          produced[0] += TRAIN_BATCH
-          k += 1
-
-      producer = threading.Thread(target=produce, daemon=True)
-      producer.start()
-      steps, start = 0, time.perf_counter()
-      while steps < 2 or time.perf_counter() - start < args.seconds:
-        state, m = step(state, train.shard_batch(next(batches)[1], mesh))
-        jax.block_until_ready(m)
-        steps += 1
-      elapsed = time.perf_counter() - start
-      stop.set()
-      producer.join()
-    consumed = steps * TRAIN_BATCH / elapsed
+      state, s_alone = timed_steps(lambda k: ready[k % 2], state)
+      state, s_fed = timed_steps(lambda _: train.shard_batch(next(batches)[1], mesh), state)
+      generator_rate, _, _ = _rate(lambda _: next(batches), TRAIN_BATCH, min(args.seconds, 2.0))
     hr_pixels = (args.patch_size * scale) ** 2
-    gflops = 3 * models.flops_per_output_pixel(config.model) * hr_pixels * TRAIN_BATCH * steps / elapsed / 1e9
+    gflops = 3 * models.flops_per_output_pixel(config.model) * hr_pixels * TRAIN_BATCH / s_alone / 1e9
     rows.append(dict(bench='train', model=name, params=models.count_params(state.params),
-                     batch=f'{TRAIN_BATCH}x{args.patch_size}x{args.patch_size}', s_per_step=elapsed / steps,
-                     patches_per_s=consumed, gflops=gflops, matmul_gflops=peak, of_peak=gflops / peak,
-                     compile_s=compile_s, generator_while_training=produced[0] / elapsed,
-                     generator_headroom=produced[0] / elapsed / consumed))
+                     batch=f'{TRAIN_BATCH}x{args.patch_size}x{args.patch_size}', s_per_step=s_alone,
+                     patches_per_s=TRAIN_BATCH / s_alone, gflops=gflops, matmul_gflops=peak,
+                     of_peak=gflops / peak, s_per_step_fed=s_fed, compile_s=compile_s,
+                     generator_headroom=generator_rate * s_alone / TRAIN_BATCH))
   return rows
 
 
@@ -154,8 +146,10 @@ def bench_infer(args):
   """Output megapixels/s of tiled inference at the default tile size, and a whole 256x256 forward."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import inference  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
+  conv.keep_freed_memory()
   peak = _matmul_row(args)
   rng = np.random.default_rng(0)
   image = rng.uniform(0, 1, (args.infer_size, args.infer_size, 3)).astype(np.float32)
@@ -281,8 +275,9 @@ def main(argv=None):
   if 'dcscn' in train_rows and data_rows:
     ratio = data_rows[0]['patches_per_s'] / train_rows['dcscn']['patches_per_s']
     print(f'generator / default DCSCN train step: {data_rows[0]["patches_per_s"]:.0f} / '
-          f'{train_rows["dcscn"]["patches_per_s"]:.1f} patches/s = {ratio:.0f}x (alone); while training '
-          f'runs: {train_rows["dcscn"]["generator_headroom"]:.0f}x')
+          f'{train_rows["dcscn"]["patches_per_s"]:.1f} patches/s = {ratio:.0f}x; a step fed by the '
+          f'generator takes {train_rows["dcscn"]["s_per_step_fed"] / train_rows["dcscn"]["s_per_step"]:.2f}x '
+          f'the time of one alone')
   if args.json:
     host = dict(python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
                 usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None)

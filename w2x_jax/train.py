@@ -21,6 +21,7 @@ import optax
 from PIL import Image
 
 from w2x_jax import checkpoint
+from w2x_jax import conv
 from w2x_jax import data
 from w2x_jax import distributed
 from w2x_jax import evaluate
@@ -94,7 +95,10 @@ def create_train_state(config, rng):
   p = config.data.patch_size
   init_rng, state_rng = jax.random.split(rng)
   x = jnp.zeros((1, p, p, config.model.channels), jnp.float32)
-  params = jax.jit(model.init)(init_rng, x)['params']
+  # Initialisation runs once: compiling it without XLA's optimisations takes 1.4 s instead of 7 s
+  # for the seed DCSCN (measured here), and the values are the same.
+  init = jax.jit(model.init, compiler_options={'xla_backend_optimization_level': 0})
+  params = init(init_rng, x)['params']
   return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config.train),
                            rng=state_rng)
 
@@ -350,6 +354,8 @@ def train_and_evaluate(config, workdir, devices=None):
   """Trains (or resumes) the configured model in `workdir`; returns the final train state."""
   check_config(config)
   tc = config.train
+  if jax.default_backend() == 'cpu':
+    conv.keep_freed_memory()  # XLA:CPU re-faults its activations each step otherwise (conv.py)
   os.makedirs(workdir, exist_ok=True)
   refused = None
   if jax.process_index() == 0:
