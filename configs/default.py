@@ -85,4 +85,8 @@ def get_config(arg=None):
   config.train.eval_every = 1000
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 3
+  # Fine-tuning: start a fresh run from this model's params (a shipped model's name, an exported
+  # model or a workdir); params whose name and shape differ (the upsampler at another scale) keep
+  # their fresh init. Ignored once the workdir holds a checkpoint (resuming wins).
+  config.train.init_from = ''
   return config

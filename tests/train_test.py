@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import espcn_su as espcn_config
 from configs import test as test_config
 from w2x_jax import checkpoint
 from w2x_jax import train
@@ -130,6 +131,46 @@ def test_incompatible_model_is_refused(tmp_path):
   config.model.layers = 4
   with pytest.raises(checkpoint.CheckpointError, match=r'another model.*layers=3 saved vs 4'):
     train.train_and_evaluate(config, workdir)
+
+
+def test_init_from_copies_matching_params_then_resuming_wins(tmp_path):
+  folder = make_image_folder(tmp_path / 'images')
+  train.train_and_evaluate(tiny_config(folder, num_steps=2), str(tmp_path / 'a'))
+  _, source, _ = checkpoint.restore_model(tmp_path / 'a')
+  flat_source = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(source)}
+
+  # A scale-1 model from a scale-2 one: all but the upsampler's params are copied.
+  config = tiny_config(folder, num_steps=1, init_from=str(tmp_path / 'a'))
+  config.model.scale = 1
+  fresh = train.create_train_state(config, jax.random.PRNGKey(config.seed)).params
+  params, (copied, total) = train.init_params_from(fresh, str(tmp_path / 'a'))
+  assert 0 < copied < total
+  for path, value in jax.tree_util.tree_leaves_with_path(params):
+    key = jax.tree_util.keystr(path)
+    same_shape = key in flat_source and flat_source[key].shape == value.shape
+    expected = flat_source[key] if same_shape else fresh_leaf(fresh, path)
+    np.testing.assert_array_equal(value, expected)
+
+  # In a run: the first step starts from the copied params; a rerun resumes instead.
+  state = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert int(state.step) == 1
+  config.train.num_steps = 2
+  config.train.init_from = str(tmp_path / 'no_such_model')  # ignored: the workdir has a checkpoint
+  assert int(train.train_and_evaluate(config, str(tmp_path / 'b')).step) == 2
+
+  with pytest.raises(train.ConfigError, match='init_from.*no_such_model'):
+    train.init_params_from(fresh, str(tmp_path / 'no_such_model'))
+  other = espcn_config.get_config()
+  other.model.filters = (8, 8)
+  with pytest.raises(train.ConfigError, match='no parameter matches'):
+    train.init_params_from(train.create_train_state(other, jax.random.PRNGKey(0)).params,
+                           str(tmp_path / 'a'))
+
+
+def fresh_leaf(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
 
 
 def test_bad_config_values_name_the_field(tmp_path):

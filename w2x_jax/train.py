@@ -12,6 +12,7 @@ import time
 
 from absl import logging
 import flax.struct
+import flax.traverse_util
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from w2x_jax import evaluate
 from w2x_jax import losses
 from w2x_jax import metrics as metrics_lib
 from w2x_jax import models
+from w2x_jax import upscale
 
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'progress.png'
@@ -101,6 +103,27 @@ def create_train_state(config, rng):
   params = init(init_rng, x)['params']
   return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config.train),
                            rng=state_rng)
+
+
+def init_params_from(params, source):
+  """`params` with every leaf that `source` (a shipped model's name, an exported model or a
+  workdir) has under the same name and shape replaced by the source's value; (params, counts)."""
+  try:
+    _, source_params, _ = upscale.load_model(source)
+  except upscale.ModelError as e:
+    raise ConfigError(f'config.train.init_from: {e}') from e
+  flat_source = flax.traverse_util.flatten_dict(source_params)
+  flat = flax.traverse_util.flatten_dict(params)
+  copied = 0
+  for key, value in flat.items():
+    other = flat_source.get(key)
+    if other is not None and np.shape(other) == np.shape(value):
+      flat[key] = jnp.asarray(other, value.dtype)
+      copied += 1
+  if not copied:
+    raise ConfigError(f'config.train.init_from={source!r}: no parameter matches this model '
+                      f'(name and shape)')
+  return flax.traverse_util.unflatten_dict(flat), (copied, len(flat))
 
 
 def to_model_channels(images, channels):
@@ -374,10 +397,14 @@ def train_and_evaluate(config, workdir, devices=None):
   replicated = NamedSharding(mesh, P())
   state = create_train_state(config, jax.random.PRNGKey(config.seed))
   logging.info('Model %s: %d parameters', config.model.name, models.count_params(state.params))
+  manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
+  if tc.get('init_from') and manager.latest_step() is None:
+    params, (copied, total) = init_params_from(state.params, tc.init_from)
+    state = state.replace(params=params)
+    logging.info('Initialised %d of %d parameter arrays from %s', copied, total, tc.init_from)
   # Every process holds the same initial values (same seed), so placing them is enough to make
   # global replicated arrays; restoring into them reads the checkpoint with those shardings.
   state = jax.device_put(state, replicated)
-  manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
   state = checkpoint.restore_train_state(manager, state)
   start_step = int(state.step)
   if start_step:
