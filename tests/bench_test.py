@@ -16,7 +16,7 @@ def test_bench_all_tiny(tmp_path, capsys):
   train, infer = by_bench['train'], by_bench['infer']
   assert train['of_peak'] == train['gflops'] / train['matmul_gflops'] and train['of_peak'] > 0
   assert train['generator_headroom'] > 0 and train['patches_per_s'] > 0
-  assert infer['output_mp_per_s'] > 0 and 0 < infer['margin_overhead'] < 1
+  assert infer['output_mp_per_s'] > 0 and 0 < infer['margin_overhead'] < 1 and infer['work_per_pixel'] >= 1
   assert 'train' in capsys.readouterr().out
 
 

@@ -116,6 +116,14 @@ def test_metrics_plot_restore_and_export(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params3, jax.device_get(params))
   assert config3.model.scale == 2
 
+  # The same from the command line (the best step here: validation PSNR is logged at 2 and 4).
+  assert checkpoint.main(['export', str(workdir), str(tmp_path / 'cli'), '--best']) == 0
+  _, params4, _ = checkpoint.restore_model(tmp_path / 'cli')
+  _, best, _ = checkpoint.restore_model(workdir, best=True)
+  jax.tree.map(np.testing.assert_array_equal, params4, jax.device_get(best))
+  assert checkpoint.main(['export', str(tmp_path / 'nothing'), str(tmp_path / 'cli2')]) == 1
+  assert not (tmp_path / 'cli2').exists()
+
   # Running the same config again resumes at its end: nothing more to do, params unchanged.
   again = train.train_and_evaluate(config, str(workdir))
   assert int(again.step) == 4

@@ -181,3 +181,30 @@ def restore_model(path, step=None, best=False):
     raise CheckpointError(f'{workdir}: holds no checkpoint yet')
   restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
   return model, restored['params'], config
+
+
+def main(argv=None):
+  """`python -m w2x_jax.checkpoint export WORKDIR OUT [--best | --step N]`: a shippable model."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='python -m w2x_jax.checkpoint',
+                                   description='Exports params + config of a run (no optimizer state).')
+  parser.add_argument('command', choices=['export'])
+  parser.add_argument('workdir', help='a training workdir (or one of its step folders)')
+  parser.add_argument('out', help='the model folder to write (replaced atomically)')
+  which = parser.add_mutually_exclusive_group()
+  which.add_argument('--best', action='store_true', help='the step with the best validation PSNR')
+  which.add_argument('--step', type=int, help='this step (default: the latest)')
+  args = parser.parse_args(argv)
+  try:
+    _, params, config = restore_model(args.workdir, step=args.step, best=args.best)
+    path = export_model(args.out, params, config)
+  except (CheckpointError, OSError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'exported {path} ({models.count_params(params):,} params)')
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
