@@ -244,3 +244,32 @@ def test_shipped_default_model_needs_no_argument(tmp_path, capsys):
                        np.float64)
   assert result.shape == (96, 128, 3)
   assert 0.5 < np.abs(result - bicubic).mean() < 20  # the model's own picture, not bicubic, not noise
+
+
+def test_every_shipped_model_is_installed_small_and_runs():
+  """Issue 7: every model the command picks by -n/-s ships, all together under 20 MB."""
+  from w2x_jax import inference  # pylint: disable=g-import-not-at-top
+  total = 0
+  for name in upscale.shipped_names():
+    folder = os.path.join(upscale.WEIGHTS_DIR, name)
+    assert sorted(os.listdir(folder)) == [checkpoint.CONFIG_FILE, checkpoint.PARAMS_FILE], name
+    total += sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    _, params, config = upscale.load_model(name)
+    expected_scale = 1 if name.startswith('noise') else 2
+    assert config.model.scale == expected_scale, name
+    noise = name.rsplit('noise', 1)[1]
+    assert config.data.noise_level == (-1 if noise == 'none' else int(noise)), name
+    image = np.random.default_rng(0).uniform(0, 1, (20, 24, 3)).astype(np.float32)
+    out = inference.upscale_array(params, config.model, image)
+    assert out.shape == (20 * expected_scale, 24 * expected_scale, 3) and np.isfinite(out).all(), name
+  assert total < 20 * 2 ** 20
+
+
+def test_4x_and_denoise_only_with_shipped_models(tmp_path, capsys):
+  Image.fromarray(np.random.default_rng(1).integers(0, 256, (10, 12, 3), np.uint8)).save(tmp_path / 'a.png')
+  code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'x4.png', '-s', '4', '-n', '2', '--quiet')
+  assert code == 0, err
+  assert Image.open(tmp_path / 'x4.png').size == (48, 40)
+  code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'x1.png', '-s', '1', '-n', '3', '--quiet')
+  assert code == 0, err
+  assert Image.open(tmp_path / 'x1.png').size == (12, 10)
