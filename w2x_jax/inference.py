@@ -24,6 +24,7 @@ from w2x_jax import models
 # bigger tiles waste less on the overlap (DCSCN: 41/22/15/11%) until their activations (1281
 # channels at the tile's size) fall out of cache. 256 is fastest or near it, and bounds memory.
 DEFAULT_TILE_SIZE = 256
+TILE_COST_PIXELS = 32 * 32  # per-tile overhead in pixel-equivalents when choosing a tile side
 CHROMA_MARGIN = 2  # bicubic CbCr reads 2 LR pixels each side
 LUMA = (0.299, 0.587, 0.114)  # BT.601
 DATA_AXIS = 'batch'
@@ -179,16 +180,28 @@ class Upscaler:
     return tile_margin(self.model_cfg, channels)
 
   def tile_side(self, height, width, channels):
-    """The configured tile side, halved while a smaller tile still holds the whole image (few
-    shapes: small images do not pay for a big tile)."""
+    """The tile side for one image, from a few fixed shapes (each compiled once): the configured
+    side halved while a smaller tile still holds the whole image; else whichever of the configured
+    side, 3/4 and 1/2 of it computes the fewest pixels for this image (the last tiles of a row or
+    column overlap their neighbours, so a side whose core divides the image better wastes less:
+    1024x1024 with the shipped model computes 1.64 M pixels in tiles of 256, 1.33 M in 192)."""
     margin = self.margin(channels)
     side = self.tile_size
     if side <= 2 * margin:
       raise ValueError(f'tile size {side} must exceed twice the model margin ({margin})')
     need = max(height, width) + 2 * margin
-    while side // 2 > 2 * margin and side // 2 >= need:
-      side //= 2
-    return side
+    if side >= need:
+      while side // 2 > 2 * margin and side // 2 >= need:
+        side //= 2
+      return side
+    candidates = [side] + [s for s in (side * 3 // 4 // 8 * 8, side // 2 // 8 * 8) if s >= 4 * margin]
+    return min(candidates, key=lambda s: (self._computed_pixels(height, width, margin, s), -s))
+
+  @staticmethod
+  def _computed_pixels(height, width, margin, side):
+    core = side - 2 * margin
+    # Each tile also costs a dispatch, a crop and a paste: counted as TILE_COST_PIXELS more.
+    return len(_starts(height, core)) * len(_starts(width, core)) * (side * side + TILE_COST_PIXELS)
 
   def num_tiles(self, height, width, channels):
     core = self.tile_side(height, width, channels) - 2 * self.margin(channels)
