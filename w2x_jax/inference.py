@@ -135,6 +135,10 @@ def _starts(n, core):
   return list(range(0, n - core, core)) + [n - core]
 
 
+def _tile_count(height, width, core):
+  return len(_starts(height, core)) * len(_starts(width, core))
+
+
 def _crop(image, y, x, side):
   """image[y:y+side, x:x+side] with indices outside the image clamped (edge replication)."""
   h, w = image.shape[:2]
@@ -199,13 +203,11 @@ class Upscaler:
 
   @staticmethod
   def _computed_pixels(height, width, margin, side):
-    core = side - 2 * margin
     # Each tile also costs a dispatch, a crop and a paste: counted as TILE_COST_PIXELS more.
-    return len(_starts(height, core)) * len(_starts(width, core)) * (side * side + TILE_COST_PIXELS)
+    return _tile_count(height, width, side - 2 * margin) * (side * side + TILE_COST_PIXELS)
 
   def num_tiles(self, height, width, channels):
-    core = self.tile_side(height, width, channels) - 2 * self.margin(channels)
-    return len(_starts(height, core)) * len(_starts(width, core))
+    return _tile_count(height, width, self.tile_side(height, width, channels) - 2 * self.margin(channels))
 
   def batch_fn(self, channels, tta=False, out_dtype=np.float32):
     """The compiled fn(params, batch) for (batch_size, side, side, channels) numpy batches."""
