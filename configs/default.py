@@ -67,6 +67,9 @@ def get_config(arg=None):
   config.data.filter_weights = ml_collections.ConfigDict(
       dict(box=1.0, bilinear=1.0, bicubic=1.0, lanczos=1.0))
   config.data.num_threads = 2  # producer threads; batches do not depend on it
+  # Worker processes making the patches (0: the threads make them). Threads stop scaling at a few
+  # cores; an accelerator needs more: about one worker per spare core. Batches do not depend on it.
+  config.data.num_workers = 0
   config.data.prefetch = 4  # batches queued ahead of the training loop
 
   config.train = ml_collections.ConfigDict()

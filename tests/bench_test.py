@@ -25,3 +25,17 @@ def test_bench_memory_tiny(tmp_path):
   assert bench.main(['memory', '--memory-size', '64', '--json', str(out)]) == 0
   row = json.loads(out.read_text())['rows'][0]
   assert row['output'] == '128x128' and 0 < row['peak_rss_gb'] < 4
+
+
+def test_bench_dtypes_and_batch(tmp_path):
+  """Each compute dtype gets its own rows, measured against that dtype's matmul peak."""
+  out = tmp_path / 'bench.json'
+  assert bench.main(['train', 'infer', '--seconds', '0.05', '--data-dir', '', '--presets', 'test',
+                     '--patch-size', '12', '--infer-size', '40', '--train-batch', '3',
+                     '--dtypes', 'float32', 'bfloat16', '--workers', '1', '--json', str(out)]) == 0
+  rows = json.loads(out.read_text())['rows']
+  assert sorted((r['bench'], r['dtype']) for r in rows) == [
+      ('infer', 'bfloat16'), ('infer', 'float32'), ('train', 'bfloat16'), ('train', 'float32')]
+  assert all(r['batch'] == '3x12x12' for r in rows if r['bench'] == 'train')
+  peaks = {r['dtype']: r['matmul_gflops'] for r in rows}
+  assert all(r['matmul_gflops'] == peaks[r['dtype']] > 0 for r in rows)

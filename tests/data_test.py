@@ -1,5 +1,8 @@
 """Patch generator: loading, pair shapes, waifu2x degradation, determinism, the background producer."""
 
+from multiprocessing import shared_memory
+import os
+import signal
 import threading
 import time
 
@@ -34,7 +37,7 @@ def images():
 def data_config(**overrides):
   cfg = ml_collections.ConfigDict(dict(
       patch_size=8, noise_level=2, nr_rate=-1.0, filter_weights=ml_collections.ConfigDict(ALL_FILTERS),
-      num_threads=2, prefetch=2))
+      num_threads=2, num_workers=0, prefetch=2))
   cfg.update(overrides)
   return cfg
 
@@ -298,6 +301,37 @@ def test_worker_error_is_raised_in_the_consumer(images, monkeypatch):
     assert [step for step, _ in take(generator, 2)] == [0, 1]
     with pytest.raises(RuntimeError, match='boom at step 2'):
       next(generator)
+  assert not generator_threads()
+
+
+def test_worker_processes_make_the_same_batches_and_clean_up(images):
+  """num_workers > 0: the same batches as the threads, and close() ends the workers and frees the
+  shared images."""
+  threads = run_generator(images, 1, count=4)
+  generator = data.PatchGenerator(images, data_config(num_workers=2), scale=2, batch_size=4, seed=1)
+  with generator:
+    in_workers = take(generator, 4)
+    workers = list(generator._pool._processes.values())  # pylint: disable=protected-access
+    name = generator._shared.block.name  # pylint: disable=protected-access
+    assert len(workers) == 2
+  for (step_a, a), (step_b, b) in zip(threads, in_workers):
+    assert step_a == step_b and a['lr'].dtype == b['lr'].dtype == np.float32
+    np.testing.assert_array_equal(a['lr'], b['lr'])
+    np.testing.assert_array_equal(a['hr'], b['hr'])
+  assert not any(w.is_alive() for w in workers)
+  with pytest.raises(FileNotFoundError):
+    shared_memory.SharedMemory(name=name)
+  assert not generator_threads()
+
+
+def test_a_dead_worker_is_a_clear_error(images):
+  with data.PatchGenerator(images, data_config(num_workers=1, prefetch=1), scale=2, batch_size=2,
+                           seed=0) as generator:
+    next(generator)
+    for worker in generator._pool._processes.values():  # pylint: disable=protected-access
+      os.kill(worker.pid, signal.SIGKILL)
+    with pytest.raises(data.DataError, match='patch worker process died'):
+      take(generator, 20)  # the batches already made come first
   assert not generator_threads()
 
 

@@ -208,25 +208,60 @@ def _params(workdir):
   return jax.device_get(checkpoint.restore_model(workdir)[1])
 
 
-def _run_until_checkpoint(cmd, workdir, step, sig):
-  """Starts a training process and sends `sig` once the checkpoint of `step` exists."""
+def _children(pid):
+  """PIDs of the live processes whose parent is `pid` (Linux /proc)."""
+  found = []
+  for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = stat.read_text().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      found.append(int(stat.parent.name))
+  return found
+
+
+def _alive(pid):
+  try:
+    state = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+  except OSError:
+    return False
+  return state != 'Z'
+
+
+def _run_until_checkpoint(cmd, workdir, step, sig, group=False):
+  """Starts a training process and sends `sig` once the checkpoint of `step` exists (to its whole
+  process group where `group`, as Ctrl-C or `timeout` do). Returns (returncode, output, the PIDs
+  of its child processes just before the signal)."""
   proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                          text=True, start_new_session=group)
   target = pathlib.Path(workdir) / checkpoint.CHECKPOINT_DIR / str(step)
   deadline = time.time() + 240
   while not target.exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.05)
-  proc.send_signal(sig)
+  children = _children(proc.pid)
+  if group:
+    os.killpg(proc.pid, sig)
+  else:
+    proc.send_signal(sig)
   out, _ = proc.communicate(timeout=120)
-  return proc.returncode, out
+  return proc.returncode, out, children
 
 
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+  """Killed (patches made by a worker process) and resumed: the same params as a run straight
+  through (patches made by threads), and the killed run's worker exits on its own."""
   folder = make_image_folder(tmp_path / 'images')
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   subprocess.run(_main_cmd(straight, folder), cwd=ROOT, env=_env(), check=True, capture_output=True)
-  code, out = _run_until_checkpoint(_main_cmd(killed, folder), killed, 2, signal.SIGKILL)
+  code, out, children = _run_until_checkpoint(
+      _main_cmd(killed, folder, '--config.data.num_workers=1'), killed, 2, signal.SIGKILL)
   assert code == -signal.SIGKILL, out
+  assert children, 'no worker process'
+  deadline = time.time() + 10
+  while any(map(_alive, children)) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(map(_alive, children)), 'a worker outlived the killed training process'
   steps = sorted(int(s) for s in os.listdir(killed / checkpoint.CHECKPOINT_DIR) if s.isdigit())
   assert steps and steps[-1] < 8, steps
   resumed = subprocess.run(_main_cmd(killed, folder), cwd=ROOT, env=_env(), capture_output=True,
@@ -238,10 +273,12 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+  """SIGTERM to the whole process group (as `timeout` sends it): the workers leave it to the
+  training process, which saves a checkpoint and exits cleanly."""
   folder = make_image_folder(tmp_path / 'images')
   workdir = tmp_path / 'run'
-  cmd = _main_cmd(workdir, folder, '--config.train.num_steps=100000')
-  code, out = _run_until_checkpoint(cmd, workdir, 2, signal.SIGTERM)
+  cmd = _main_cmd(workdir, folder, '--config.train.num_steps=100000', '--config.data.num_workers=1')
+  code, out, _ = _run_until_checkpoint(cmd, workdir, 2, signal.SIGTERM, group=True)
   assert code == 0, out
   assert 'Stopped by SIGTERM' in out and 'checkpoint saved' in out
   steps = sorted(int(s) for s in os.listdir(workdir / checkpoint.CHECKPOINT_DIR) if s.isdigit())

@@ -262,6 +262,13 @@ def test_every_shipped_model_is_installed_small_and_runs():
     image = np.random.default_rng(0).uniform(0, 1, (20, 24, 3)).astype(np.float32)
     out = inference.upscale_array(params, config.model, image)
     assert out.shape == (20 * expected_scale, 24 * expected_scale, 3) and np.isfinite(out).all(), name
+  for name in upscale.EXTRA_MODELS:  # the paper-protocol models, by -m NAME
+    folder = os.path.join(upscale.WEIGHTS_DIR, name)
+    total += sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    _, params, config = upscale.load_model(name)
+    assert config.model.scale == 2 and config.data.noise_level == -1, name
+    out = inference.upscale_array(params, config.model, image)
+    assert out.shape == (40, 48, 3) and np.isfinite(out).all(), name
   assert total < 20 * 2 ** 20
 
 

@@ -1,4 +1,7 @@
-"""Throughput benchmarks: `python -m w2x_jax.bench [data|train|infer|memory|all] [--json FILE] [--data-dir DIR]`.
+"""Throughput benchmarks: `python -m w2x_jax.bench [data|train|infer|memory|all ...] [--json FILE] [--data-dir DIR]`.
+
+`--dtypes float32 bfloat16` measures train and infer in each compute dtype (params stay float32),
+each against the matmul peak of the same dtype measured in the same run.
 
 Each benchmark is a function (args) -> list of row dicts, registered in BENCHMARKS; rows are printed
 as one table and, with --json, written to a file.
@@ -45,6 +48,7 @@ def bench_data(args):
   dc.patch_size = args.patch_size
   if args.threads:
     dc.num_threads = args.threads
+  dc.num_workers = args.workers
   batch_size = config.train.batch_size
   rows = []
   for scale in args.scales:
@@ -60,7 +64,8 @@ def bench_data(args):
     generator = data.PatchGenerator(images, dc, scale=scale, batch_size=batch_size, seed=0)
     with generator:
       rate, batches, elapsed = _rate(lambda _: next(generator), batch_size, args.seconds)
-    rows.append(dict(common, mode=f'PatchGenerator ({dc.num_threads} threads)', patches_per_s=rate,
+    mode = f'{dc.num_workers} worker processes' if dc.num_workers else f'{dc.num_threads} threads'
+    rows.append(dict(common, mode=f'PatchGenerator ({mode})', patches_per_s=rate,
                      batches=batches, seconds=elapsed))
 
     def one_batch(step, scale=scale, images=images):
@@ -77,16 +82,30 @@ PRESETS = ('dcscn', 'dcscn_compact', 'espcn_su')  # the model configs measured b
 TRAIN_BATCH = 25  # the seed's training batch: 25 patches of 48x48 (LR)
 
 
-def _preset_config(name, noise_level=2, scale=2):
+def _preset_config(name, noise_level=2, scale=2, dtype='float32'):
   import importlib  # pylint: disable=g-import-not-at-top
-  return importlib.import_module(f'configs.{name}').get_config(f'noise={noise_level},scale={scale}')
+  config = importlib.import_module(f'configs.{name}').get_config(f'noise={noise_level},scale={scale}')
+  config.model.dtype = dtype
+  return config
 
 
-def _matmul_row(args):
+def _matmul_peak(args, dtype):
+  """GFLOP/s of a large matmul in `dtype` on the default device, measured once per run and dtype."""
+  import jax  # pylint: disable=g-import-not-at-top
   from w2x_jax import conv  # pylint: disable=g-import-not-at-top
-  if getattr(args, '_matmul_gflops', None) is None:
-    args._matmul_gflops = conv.measure_matmul_gflops()  # pylint: disable=protected-access
-  return args._matmul_gflops  # pylint: disable=protected-access
+  peaks = args.__dict__.setdefault('_matmul_gflops', {})
+  if dtype not in peaks:
+    # 2048 saturates a CPU; an accelerator needs a larger product to reach its peak.
+    n = 2048 if jax.default_backend() == 'cpu' else 8192
+    peaks[dtype] = conv.measure_matmul_gflops(n=n, dtype=dtype)
+  return peaks[dtype]
+
+
+def _keep_freed_memory_on_cpu():
+  import jax  # pylint: disable=g-import-not-at-top
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == 'cpu':
+    conv.keep_freed_memory()  # as train.train_and_evaluate does on CPU
 
 
 def bench_train(args):
@@ -97,15 +116,18 @@ def bench_train(args):
   be well above 1 for the generator never to be the bottleneck.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
   from w2x_jax import train  # pylint: disable=g-import-not-at-top
-  conv.keep_freed_memory()  # as train.train_and_evaluate does on CPU
-  peak = _matmul_row(args)
+  _keep_freed_memory_on_cpu()
   rows = []
-  for name in args.presets:
-    config = _preset_config(name)
-    config.train.batch_size = TRAIN_BATCH
+  batch_size = args.train_batch
+  for name, dtype in [(n, d) for d in args.dtypes for n in args.presets]:
+    peak = _matmul_peak(args, dtype)
+    config = _preset_config(name, dtype=dtype)
+    config.train.batch_size = batch_size
+    if args.threads:
+      config.data.num_threads = args.threads
+    config.data.num_workers = args.workers
     config.data.patch_size = args.patch_size
     scale = config.model.scale
     images, _ = load_bench_images(args.data_dir, data.min_image_size(args.patch_size, scale))
@@ -114,7 +136,7 @@ def bench_train(args):
     state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0)),
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     step = jax.jit(train.make_train_step(config), donate_argnums=(0,))
-    with data.PatchGenerator(images, config.data, scale=scale, batch_size=TRAIN_BATCH, seed=0) as gen:
+    with data.PatchGenerator(images, config.data, scale=scale, batch_size=batch_size, seed=0) as gen:
       batches = iter(gen)
       ready = [train.shard_batch(next(batches)[1], mesh) for _ in range(2)]
       state, m = step(state, ready[0])
@@ -142,14 +164,14 @@ def bench_train(args):
         previous = min(previous, s_step)
       state, s_alone = timed_steps(lambda k: ready[k % 2], state)
       state, s_fed = timed_steps(lambda _: train.shard_batch(next(batches)[1], mesh), state)
-      generator_rate, _, _ = _rate(lambda _: next(batches), TRAIN_BATCH, min(args.seconds, 2.0))
+      generator_rate, _, _ = _rate(lambda _: next(batches), batch_size, min(args.seconds, 2.0))
     hr_pixels = (args.patch_size * scale) ** 2
-    gflops = 3 * models.flops_per_output_pixel(config.model) * hr_pixels * TRAIN_BATCH / s_alone / 1e9
-    rows.append(dict(bench='train', model=name, params=models.count_params(state.params),
-                     batch=f'{TRAIN_BATCH}x{args.patch_size}x{args.patch_size}', s_per_step=s_alone,
-                     patches_per_s=TRAIN_BATCH / s_alone, gflops=gflops, matmul_gflops=peak,
+    gflops = 3 * models.flops_per_output_pixel(config.model) * hr_pixels * batch_size / s_alone / 1e9
+    rows.append(dict(bench='train', model=name, dtype=dtype, params=models.count_params(state.params),
+                     batch=f'{batch_size}x{args.patch_size}x{args.patch_size}', s_per_step=s_alone,
+                     patches_per_s=batch_size / s_alone, gflops=gflops, matmul_gflops=peak,
                      of_peak=gflops / peak, s_per_step_fed=s_fed, compile_s=compile_s,
-                     generator_headroom=generator_rate * s_alone / TRAIN_BATCH))
+                     generator_headroom=generator_rate * s_alone / batch_size))
   return rows
 
 
@@ -161,16 +183,15 @@ def bench_infer(args):
   the tiling's overlap."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import inference  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
-  conv.keep_freed_memory()
-  peak = _matmul_row(args)
+  _keep_freed_memory_on_cpu()
   rng = np.random.default_rng(0)
   image = rng.uniform(0, 1, (args.infer_size, args.infer_size, 3)).astype(np.float32)
   rows = []
-  for name in args.presets:
-    config = _preset_config(name, noise_level=-1)
+  for name, dtype in [(n, d) for d in args.dtypes for n in args.presets]:
+    peak = _matmul_peak(args, dtype)
+    config = _preset_config(name, noise_level=-1, dtype=dtype)
     model = models.build_model(config.model)
     params = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, config.model.channels), np.float32))['params']
     upscaler = inference.Upscaler(params, config.model, model=model)
@@ -196,7 +217,7 @@ def bench_infer(args):
     jax.block_until_ready(forward(params, x))
     fwd_s = min(_timed(lambda: jax.block_until_ready(forward(params, x))) for _ in range(3))
     fwd_gflops = models.flops_per_output_pixel(config.model) * (256 * config.model.scale) ** 2 / fwd_s / 1e9
-    rows.append(dict(bench='infer', model=name, image=f'{args.infer_size}x{args.infer_size}',
+    rows.append(dict(bench='infer', model=name, dtype=dtype, image=f'{args.infer_size}x{args.infer_size}',
                      tile=side, margin_overhead=overhead, work_per_pixel=work,
                      output_mp_per_s=out_pixels / elapsed / 1e6, gflops=flops / elapsed / 1e9,
                      matmul_gflops=peak, of_peak=flops / elapsed / 1e9 / peak,
@@ -269,7 +290,7 @@ def format_table(rows):
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m w2x_jax.bench', description=__doc__.splitlines()[0])
-  parser.add_argument('which', nargs='?', default='all', choices=sorted(BENCHMARKS) + ['all'])
+  parser.add_argument('which', nargs='*', default=['all'], choices=sorted(BENCHMARKS) + ['all'])
   parser.add_argument('--json', metavar='FILE', help='also write the rows (and the host) as JSON')
   parser.add_argument('--data-dir', default=str(SHARED_TRAIN_DIR) if SHARED_TRAIN_DIR.is_dir() else '',
                       help="training images ('' = the embedded default; default: %(default)s)")
@@ -277,7 +298,13 @@ def parse_args(argv):
   parser.add_argument('--patch-size', type=int, default=48, help='low-resolution patch side')
   parser.add_argument('--scales', type=int, nargs='+', default=[2, 1])
   parser.add_argument('--threads', type=int, default=0, help='producer threads (0: config default)')
+  parser.add_argument('--workers', type=int, default=0,
+                      help='patch worker processes (config.data.num_workers; 0: the threads make patches)')
   parser.add_argument('--presets', nargs='+', default=list(PRESETS), help='model configs for train/infer')
+  parser.add_argument('--dtypes', nargs='+', default=['float32'], choices=['float32', 'bfloat16'],
+                      help='compute dtypes for train/infer (params stay float32)')
+  parser.add_argument('--train-batch', type=int, default=TRAIN_BATCH,
+                      help='patches per train step (default: the seed\'s %(default)s)')
   parser.add_argument('--infer-size', type=int, default=512, help='input side for the infer benchmark')
   parser.add_argument('--memory-size', type=int, default=4000, help='input side for the memory benchmark')
   parser.add_argument('--memory-config', default='test', help='model config for the memory benchmark')
@@ -286,13 +313,13 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  names = ALL if args.which == 'all' else [args.which]
+  names = list(dict.fromkeys(n for w in args.which for n in (ALL if w == 'all' else [w])))
   rows = []
   for name in names:
     these = BENCHMARKS[name](args)
     print(format_table(these), end='\n\n', flush=True)
     rows += these
-  train_rows = {r['model']: r for r in rows if r['bench'] == 'train'}
+  train_rows = {r['model']: r for r in rows if r['bench'] == 'train' and r['dtype'] == 'float32'}
   data_rows = [r for r in rows if r['bench'] == 'data' and r['scale'] == 2 and 'PatchGenerator' in r['mode']]
   if 'dcscn' in train_rows and data_rows:
     ratio = data_rows[0]['patches_per_s'] / train_rows['dcscn']['patches_per_s']

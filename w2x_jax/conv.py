@@ -204,11 +204,12 @@ def get_conv_fn(name='auto', backend=None):
   raise ValueError(f'conv.py: convolution {name!r} must be one of {list(CONV_NAMES)}')
 
 
-def measure_matmul_gflops(n=2048, repeats=5, dtype=jnp.float32):
-  """GFLOP/s of a jitted n x n @ n x n matmul on the default device (best of `repeats`)."""
-  a = jnp.ones((n, n), dtype)
-  b = jnp.ones((n, n), dtype)
-  f = jax.jit(jnp.matmul)
+def measure_matmul_gflops(n=2048, repeats=5, dtype=jnp.float32, precision=None):
+  """GFLOP/s of a jitted n x n @ n x n matmul on the default device (best of `repeats`), at JAX's
+  default `precision` (on GPUs float32 may then run as TF32) unless one is given."""
+  # Random operands: an accelerator multiplies zeros or ones faster than real data.
+  a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), dtype)
+  f = jax.jit(functools.partial(jnp.matmul, precision=precision))
   jax.block_until_ready(f(a, b))
   best = float('inf')
   for _ in range(repeats):

@@ -3,8 +3,10 @@
 Images are loaded once as uint8 RGB. Every training sample is a pure function of (seed, step, position in
 the global batch): it picks an image (weighted by area, so every pixel is equally likely to be seen),
 one of the 8 flips/90-degree rotations, a random region, a downscaling filter and JPEG noise. Nothing is
-written to disk. `PatchGenerator` runs `make_batch` in background threads (Pillow releases the GIL) and
-hands batches to the training loop in step order.
+written to disk. `PatchGenerator` runs `make_batch` in background threads (Pillow releases the GIL), or
+in worker processes that read the images from shared memory (`data.num_workers`: the threads of one
+process stop scaling at a few cores, too few to feed an accelerator), and hands batches to the
+training loop in step order.
 
 Noise levels (waifu2x's art models): -1 none; 0: one JPEG at quality 85-95; 1: 65-85; 2 and 3: 27-70
 once (60%), twice (30%) or three times (10%) with falling quality. Levels 2 and 3 differ only in how
@@ -16,10 +18,15 @@ import concurrent.futures
 import importlib.util
 import io
 import itertools
+import multiprocessing
+from multiprocessing import shared_memory
 import os
 import pathlib
 import queue
+import signal
+import sys
 import threading
+import time
 
 from absl import logging
 import numpy as np
@@ -276,17 +283,80 @@ def make_batch(images, *, seed, step, indices, patch_size, scale, noise_level, n
   It picks an image with probability proportional to its area (every pixel equally likely), then
   `make_pair`. Returns {'lr': (n, p, p, 3), 'hr': (n, p*s, p*s, 3)}.
   """
+  return to_float(make_batch_uint8(images, seed=seed, step=step, indices=indices, patch_size=patch_size,
+                                   scale=scale, noise_level=noise_level, nr_rate=nr_rate,
+                                   filter_weights=filter_weights))
+
+
+def make_batch_uint8(images, *, seed, step, indices, **pair_options):
+  """`make_batch` before the conversion to float: {'lr', 'hr'} as uint8 (a quarter of the bytes)."""
   cumulative_area = list(itertools.accumulate(im.shape[0] * im.shape[1] for im in images))
   lrs, hrs = [], []
   for i in indices:
     rng = np.random.default_rng([seed, step, i])
     image = images[bisect.bisect_right(cumulative_area, rng.random() * cumulative_area[-1])]
-    lr, hr = make_pair(image, rng, patch_size=patch_size, scale=scale, noise_level=noise_level,
-                       nr_rate=nr_rate, filter_weights=filter_weights)
+    lr, hr = make_pair(image, rng, **pair_options)
     lrs.append(lr)
     hrs.append(hr)
+  return {'lr': np.stack(lrs), 'hr': np.stack(hrs)}
+
+
+def to_float(batch):
+  """uint8 {'lr', 'hr'} -> float32 in [0, 1]."""
   inv = np.float32(1.0 / 255.0)
-  return {'lr': np.stack(lrs).astype(np.float32) * inv, 'hr': np.stack(hrs).astype(np.float32) * inv}
+  return {key: value.astype(np.float32) * inv for key, value in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker processes: the images in one shared-memory block, mapped (not copied) by every worker.
+
+_WORKER_IMAGES = None  # in a worker process: the images, views into the shared block
+
+
+class SharedImages:
+  """The images copied once into one shared-memory block; `spec` lets another process map them."""
+
+  def __init__(self, images):
+    offsets = [0] + list(itertools.accumulate(im.nbytes for im in images))
+    self.block = shared_memory.SharedMemory(create=True, size=max(1, offsets[-1]))
+    self.spec = (self.block.name, [(o, im.shape) for o, im in zip(offsets, images)])
+    for (offset, shape), image in zip(self.spec[1], images):
+      np.ndarray(shape, np.uint8, self.block.buf, offset)[...] = image
+
+  def close(self):
+    if self.block is not None:
+      self.block.close()
+      self.block.unlink()
+      self.block = None
+
+
+def _views(buffer, layout):
+  return [np.ndarray(shape, np.uint8, buffer, offset) for offset, shape in layout]
+
+
+def _exit_with_parent(parent_pid, poll_s=1.0):
+  while os.getppid() == parent_pid:
+    time.sleep(poll_s)
+  os._exit(0)  # the training process is gone (killed): nobody will read our batches
+
+
+def _init_worker(spec):
+  """Worker start: map the shared images; leave SIGINT/SIGTERM to the training process, which stops
+  at a step boundary and then closes the pool (a Ctrl-C or `timeout` signals the whole process
+  group), and exit should that process die without closing it."""
+  global _WORKER_IMAGES  # pylint: disable=global-statement
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+  name, layout = spec
+  # The creator alone owns the block; Python 3.13+ can say so (3.12 registers it twice, harmlessly).
+  kwargs = {'track': False} if sys.version_info >= (3, 13) else {}
+  block = shared_memory.SharedMemory(name=name, **kwargs)
+  _WORKER_IMAGES = (block, _views(block.buf, layout))
+
+
+def _worker_make_batch(seed, step, indices, options):
+  return make_batch_uint8(_WORKER_IMAGES[1], seed=seed, step=step, indices=indices, **options)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,10 +367,13 @@ class PatchGenerator:
   """Iterates `(step, batch)` from `start_step` on, with this process's slice of each global batch.
 
   `data_cfg` is `config.data` (patch_size, noise_level, nr_rate, filter_weights, num_threads,
-  prefetch). Worker w of n makes the batches of steps start + w, start + w + n, ... into its own
-  bounded queue and the consumer reads the queues in turn, so the order (and each batch, see
-  `make_batch`) does not depend on the thread count. An error in a worker is raised by the consumer.
-  Close it (or use it as a context manager) to stop the threads.
+  num_workers, prefetch). Thread w of n makes the batches of steps start + w, start + w + n, ...
+  into its own bounded queue and the consumer reads the queues in turn, so the order (and each batch,
+  see `make_batch`) does not depend on the thread count. With `num_workers` > 0 the threads hand the
+  work to that many processes (started with 'spawn': forking a process that runs JAX can deadlock)
+  and only convert the results to float, so batches are the same either way. An error in a thread
+  or worker is raised by the consumer. Close it (or use it as a context manager) to stop the threads
+  and workers and free the shared memory.
   """
 
   _POLL_S = 0.05  # how often blocked threads check for close()
@@ -332,6 +405,14 @@ class PatchGenerator:
     self._start_step = start_step
     self._stop = threading.Event()
     num_threads = max(1, int(data_cfg.num_threads))
+    num_workers = max(0, int(data_cfg.get('num_workers', 0)))
+    self._shared, self._pool = None, None
+    if num_workers:
+      num_threads = max(num_threads, num_workers)  # one batch in flight per worker at least
+      self._shared = SharedImages(self._images)
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          num_workers, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker,
+          initargs=(self._shared.spec,))
     depth = max(1, -(-int(data_cfg.prefetch) // num_threads))
     self._queues = [queue.Queue(maxsize=depth) for _ in range(num_threads)]
     self._threads = [threading.Thread(target=self._produce, args=(w,), name=f'PatchGenerator-{w}',
@@ -345,9 +426,12 @@ class PatchGenerator:
       if self._stop.is_set():
         return
       try:
-        item = (step, make_batch(self._images, seed=self._seed, step=step, indices=self._indices,
-                                 **self._options), None)
+        item = (step, self._make(step), None)
+      except concurrent.futures.CancelledError:
+        return  # closing
       except BaseException as error:  # pylint: disable=broad-except; handed to the consumer
+        if self._stop.is_set():
+          return
         item = (step, None, error)
       while not self._stop.is_set():
         try:
@@ -357,6 +441,21 @@ class PatchGenerator:
           continue
       if item[2] is not None:
         return
+
+  def _make(self, step):
+    if self._pool is None:
+      return make_batch(self._images, seed=self._seed, step=step, indices=self._indices, **self._options)
+    future = self._pool.submit(_worker_make_batch, self._seed, step, self._indices, self._options)
+    while True:
+      try:
+        return to_float(future.result(timeout=self._POLL_S))
+      except concurrent.futures.TimeoutError:
+        if self._stop.is_set():
+          future.cancel()
+          raise concurrent.futures.CancelledError from None
+      except concurrent.futures.process.BrokenProcessPool as error:
+        raise DataError(f'a patch worker process died ({error}); '
+                        'config.data.num_workers=0 makes the patches in this process') from error
 
   def __iter__(self):
     return self
@@ -379,11 +478,18 @@ class PatchGenerator:
     return step, batch
 
   def close(self):
-    """Stops and joins the producer threads (they poll, so this returns within about _POLL_S)."""
+    """Stops and joins the producer threads (they poll, so this returns within about _POLL_S), then
+    the worker processes (each finishes the batch in hand), and frees the shared images."""
     self._stop.set()
     for thread in self._threads:
       if thread is not threading.current_thread():
         thread.join()
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
+    if self._shared is not None:
+      self._shared.close()
+      self._shared = None
 
   def __enter__(self):
     return self

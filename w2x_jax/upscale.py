@@ -46,9 +46,15 @@ LIST_SUFFIXES = ('.txt',)
 TILE_BAR_MIN = 16  # images of fewer tiles get no tile progress bar
 
 
-def shipped_names():
+# Shipped beside the defaults and picked with -m NAME: the reproductions of the DCSCN paper's protocol
+# (Y channel, bicubic downscaling alone; the README gives their benchmark figures).
+EXTRA_MODELS = ('paper_c_dcscn_y_scale2x', 'paper_espcn_su_scale2x')
+
+
+def shipped_names(extra=False):
+  """The default models (-n/-s pick among them), and with `extra` the EXTRA_MODELS too."""
   return tuple([f'scale2x_noise{"none" if n < 0 else n}' for n in NOISE_LEVELS]
-               + [f'noise{n}' for n in NOISE_LEVELS if n >= 0])
+               + [f'noise{n}' for n in NOISE_LEVELS if n >= 0]) + (EXTRA_MODELS if extra else ())
 
 
 def shipped_model(noise, upscale):
@@ -73,14 +79,14 @@ def load_model(name_or_path, weights_dir=None):
   weights_dir = WEIGHTS_DIR if weights_dir is None else weights_dir
   if os.path.isdir(name_or_path):
     path = name_or_path
-  elif name_or_path in shipped_names():
+  elif name_or_path in shipped_names(extra=True):
     path = os.path.join(weights_dir, name_or_path)
     if not os.path.isdir(path):
       raise ModelError(f'shipped model {name_or_path!r} is not installed ({path}); '
                        'pass -m CHECKPOINT_DIR (an exported model folder or a training workdir)')
   else:
     raise ModelError(f'{name_or_path}: no such model folder, nor a shipped model name '
-                     f'({", ".join(shipped_names())})')
+                     f'({", ".join(shipped_names(extra=True))})')
   try:
     return checkpoint.restore_model(path)
   except (checkpoint.CheckpointError, OSError, ValueError) as e:

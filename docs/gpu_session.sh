@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# A lent-GPU session, run by the device tool in one call of under 10 minutes. STAGES picks from:
+#   bench: the benchmark table (float32 and bfloat16 compute) and a tile-size check of inference;
+#   data: the patch generator's rate with threads and with worker processes;
+#   rate: the training step's rate at the batch the runs below use, fed by worker processes;
+#   train: training runs side by side, their length fitted to the time left (issue 7), each exported
+#     (--best) into $OUT/models.tgz with its metrics and log. Session 1 (2026-11-26) ran three
+#     (compact DCSCN RGB fine-tuned from the shipped model, compact on Y, ESPCN-SU) with 5 threads
+#     each and STAGES="bench rate train upscale"; session 2 runs the two below on the paper's
+#     protocol (bicubic downscaling only, Y for the compact model) with worker processes;
+#   upscale: the upscale command on the GPU.
+# Needs .gpu/whl (the pure-Python wheels of requirements.txt's flax, optax, orbax-checkpoint and
+# ml_collections; the machine has jax), .gpu/train (../shared/data/train as lossless WebP, to fit
+# the 64 MiB transfer) and .gpu/init (models to fine-tune). Env: PY, DEADLINE_S (seconds after
+# start by which training ends), BATCH, WORKERS (per run), MIN_STEPS, BENCH_ARGS, RATE_ARGS,
+# TRAIN_ARGS (appended to every run; a dry run on a CPU shrinks them).
+set -u
+START=$SECONDS
+PY=${PY:-python3}
+OUT=${OUT:-/tmp/gpu_out}
+RUNS=${RUNS_DIR:-/tmp/gpu_runs}
+DEADLINE_S=${DEADLINE_S:-500}
+BATCH=${BATCH:-64}
+WORKERS=${WORKERS:-7}
+STAGES=" ${STAGES:-bench data rate train upscale} "
+stage() { [[ "$STAGES" == *" $1 "* ]]; }
+mkdir -p "$OUT" "$RUNS"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if [ -z "${NO_WHEELS:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+  # Should the machine's other packages not suit these versions, keep its own (ml_collections added).
+  $PY -c 'import flax, optax, orbax.checkpoint, ml_collections' 2>/dev/null || {
+    echo "carried flax/optax/orbax do not import here: using the machine's"
+    mkdir -p /tmp/site_mlc && cp -r /tmp/site/ml_collections* /tmp/site_mlc/ && export PYTHONPATH=/tmp/site_mlc; }
+fi
+log() { echo "[$((SECONDS - START)) s] $*"; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  $PY -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('jax', jax.__version__, 'flax',
+flax.__version__, 'optax', optax.__version__, 'orbax', orbax.checkpoint.__version__, jax.devices())
+from w2x_jax import conv
+if ' bench ' in '$STAGES': print('float32 matmul 8192: %.0f GFLOP/s at default precision, %.0f at highest; bfloat16 %.0f' % (
+    conv.measure_matmul_gflops(8192), conv.measure_matmul_gflops(8192, precision='highest'),
+    conv.measure_matmul_gflops(8192, dtype='bfloat16')))" 2>&1; } | tee "$OUT/env.txt"
+
+if stage bench; then
+log bench
+timeout 220 $PY -m w2x_jax.bench train infer --dtypes float32 bfloat16 --seconds 0.5 --data-dir '' \
+  --threads 8 ${BENCH_ARGS:-} --json "$OUT/bench_gpu.json" > "$OUT/bench.log" 2>&1 || log "bench failed: rc $?"
+grep -v -e '^WARNING' -e '^I[0-9]' "$OUT/bench.log" | tail -20
+
+log 'tile-size check'
+timeout 60 $PY - <<'EOF' 2>&1 | tail -3
+import time, numpy as np
+from w2x_jax import inference, upscale
+model, params, config = upscale.load_model('scale2x_noisenone')
+image = np.random.default_rng(0).uniform(0, 1, (300, 200, 3)).astype(np.float32)
+outs = {}
+for tile in (64, 128, 256):
+  outs[tile] = inference.Upscaler(params, config.model, model=model, tile_size=tile)(image)
+print('tile-size check: max |difference| between tile sizes 64/128/256:',
+      max(float(np.abs(outs[t] - outs[256]).max()) for t in outs))
+EOF
+fi
+
+if stage data; then
+log data
+for how in "--threads 14" "--workers 14"; do
+  timeout 60 $PY -m w2x_jax.bench data --scales 2 --seconds 4 --data-dir .gpu/train $how 2>&1 \
+    | grep -e PatchGenerator -e make_batch
+done
+fi
+
+if stage rate; then
+log rate
+timeout 120 $PY -m w2x_jax.bench train --presets dcscn_compact espcn_su --train-batch "$BATCH" \
+  --workers "$WORKERS" --seconds 1 --data-dir .gpu/train ${RATE_ARGS:-} --json "$OUT/rate.json" \
+  > "$OUT/rate.log" 2>&1 || log "rate bench failed: rc $?"
+grep -v -e '^WARNING' -e '^I[0-9]' "$OUT/rate.log" | tail -4
+fi
+
+# Steps that fit: the rate alone, discounted for three runs sharing the machine, compile and checks.
+BUDGET=$((DEADLINE_S - (SECONDS - START) - 45))
+(( BUDGET < 30 )) && BUDGET=30
+steps() {  # model -> steps, a multiple of 100 (at least MIN_STEPS)
+  $PY -c "import json, sys
+rows = {r['model']: r for r in json.load(open('$OUT/rate.json'))['rows']}
+s = rows['$1']['s_per_step_fed'] if '$1' in rows else 1.0
+print(max(${MIN_STEPS:-500}, int(0.5 * $BUDGET / s) // 100 * 100))" 2>/dev/null || echo "${MIN_STEPS:-500}"
+}
+COMPACT_STEPS=$(steps dcscn_compact)
+ESPCN_STEPS=$(steps espcn_su)
+log "training budget ${BUDGET} s: compact ${COMPACT_STEPS} steps, espcn_su ${ESPCN_STEPS} steps (batch $BATCH)"
+
+if stage train; then
+train() {  # name steps config args...
+  local name=$1 steps=$2
+  shift 2
+  local every=$(( steps / 4 > 0 ? steps / 4 : 1 ))
+  timeout -s TERM $((BUDGET + 40)) $PY main.py --workdir="$RUNS/$name" "$@" \
+    --config.data.train_dir=.gpu/train --config.data.num_workers="$WORKERS" \
+    --config.train.batch_size="$BATCH" --config.train.num_steps="$steps" \
+    --config.train.eval_every=$every --config.train.checkpoint_every=$every \
+    --config.train.log_every=$(( every / 5 > 0 ? every / 5 : 1 )) ${TRAIN_ARGS:-} > "$RUNS/$name.log" 2>&1
+  echo "$name rc $?" >> "$RUNS/$name.log"
+  $PY -m w2x_jax.checkpoint export "$RUNS/$name" "$RUNS/models/$name" --best >> "$RUNS/$name.log" 2>&1
+}
+# The benchmarks' LR images are MATLAB bicubic: train on bicubic downscaling alone (Pillow's
+# antialiased bicubic), as the paper does, instead of the shipped models' mix of four filters.
+BICUBIC_ONLY="--config.data.filter_weights.box=0 --config.data.filter_weights.bilinear=0
+  --config.data.filter_weights.lanczos=0"
+train paper_compact_y "$COMPACT_STEPS" --config=configs/dcscn_compact.py:noise=-1 $BICUBIC_ONLY \
+  --config.train.init_from=.gpu/init/compact_y --config.train.learning_rate=1e-3 \
+  --config.train.warmup_steps=200 &
+# Session 1's 1e-3 diverged at step ~800 (loss spike, then the residual stuck at zero): 3e-4.
+train paper_espcn_su "$ESPCN_STEPS" --config=configs/espcn_su.py:noise=-1 $BICUBIC_ONLY \
+  --config.model.skip_interpolation=bicubic --config.train.learning_rate=3e-4 \
+  --config.train.warmup_steps=500 &
+wait
+for name in paper_compact_y paper_espcn_su; do
+  log "$name: $(grep -E 'Done|Stopped|rc ' "$RUNS/$name.log" | tail -2 | tr '\n' ' ')"
+done
+tar -C "$RUNS" -czf "$OUT/models.tgz" models $(cd "$RUNS" && ls -d */metrics.jsonl */config.json *.log 2>/dev/null)
+fi
+
+if stage upscale; then
+log 'upscale command on the GPU'
+$PY -c "from PIL import Image; Image.open('.gpu/train/bsd200/100075.webp').save('/tmp/in.png')" 2>/dev/null
+UP_START=$SECONDS
+timeout 60 $PY -m w2x_jax.upscale -i /tmp/in.png -o /tmp/out.png 2>&1 | tail -3
+log "upscale: $((SECONDS - UP_START)) s in all"
+fi
+log done
