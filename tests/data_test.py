@@ -335,6 +335,13 @@ def test_a_dead_worker_is_a_clear_error(images):
   assert not generator_threads()
 
 
+def test_too_little_shared_memory_is_a_clear_error(images, monkeypatch):
+  monkeypatch.setattr(data, 'shm_free_bytes', lambda: 1000)
+  with pytest.raises(data.DataError, match=r'/dev/shm: 0 MB free.*--shm-size.*num_workers=0'):
+    data.PatchGenerator(images, data_config(num_workers=2), scale=2, batch_size=2, seed=0)
+  assert not generator_threads()
+
+
 def test_generator_rejects_bad_setups(images):
   with pytest.raises(data.DataError, match='multiple of the process count'):
     data.PatchGenerator(images, data_config(), scale=2, batch_size=5, seed=0, process_count=2)

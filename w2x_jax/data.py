@@ -313,11 +313,30 @@ def to_float(batch):
 _WORKER_IMAGES = None  # in a worker process: the images, views into the shared block
 
 
+SHM_DIR = '/dev/shm'  # where Linux keeps POSIX shared memory
+
+
+def shm_free_bytes():
+  """Bytes free for shared memory (None where unknown: no /dev/shm, as on macOS)."""
+  try:
+    stat = os.statvfs(SHM_DIR)
+  except (OSError, AttributeError):
+    return None
+  return stat.f_bavail * stat.f_frsize
+
+
 class SharedImages:
   """The images copied once into one shared-memory block; `spec` lets another process map them."""
 
   def __init__(self, images):
     offsets = [0] + list(itertools.accumulate(im.nbytes for im in images))
+    free = shm_free_bytes()
+    if free is not None and offsets[-1] > free:
+      # Writing past a full /dev/shm kills the process with SIGBUS, so refuse before (Docker's
+      # default is 64 MB).
+      raise DataError(f'{SHM_DIR}: {free / 2 ** 20:.0f} MB free, the worker processes need '
+                      f'{offsets[-1] / 2 ** 20:.0f} MB for the training images; enlarge it (docker run '
+                      '--shm-size=...) or set config.data.num_workers=0 (threads)')
     self.block = shared_memory.SharedMemory(create=True, size=max(1, offsets[-1]))
     self.spec = (self.block.name, [(o, im.shape) for o, im in zip(offsets, images)])
     for (offset, shape), image in zip(self.spec[1], images):
