@@ -9,13 +9,12 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
-from w2x_jax import checkpoint
-from w2x_jax import data
 from w2x_jax import distributed
-from w2x_jax import train
+
+# JAX and the training code are imported in main(): patch worker processes (config.data.num_workers)
+# re-import this file as Python's spawn does, and need none of it.
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and the config; reused to resume.')
@@ -52,6 +51,10 @@ def parse_flags(argv):
 
 
 def main(argv):
+  import jax  # pylint: disable=g-import-not-at-top
+  from w2x_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from w2x_jax import data  # pylint: disable=g-import-not-at-top
+  from w2x_jax import train  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -70,7 +70,7 @@ def get_config(arg=None):
   # Worker processes making the patches (0: the threads make them). Threads stop scaling at a few
   # cores; an accelerator needs more: about one worker per spare core. Batches do not depend on it.
   config.data.num_workers = 0
-  config.data.prefetch = 4  # batches queued ahead of the training loop
+  config.data.prefetch = 4  # batches queued ahead of the training loop (at least one per worker)
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 25  # global batch, over all devices and processes

@@ -311,8 +311,8 @@ def test_worker_processes_make_the_same_batches_and_clean_up(images):
   generator = data.PatchGenerator(images, data_config(num_workers=2), scale=2, batch_size=4, seed=1)
   with generator:
     in_workers = take(generator, 4)
-    workers = list(generator._pool._processes.values())  # pylint: disable=protected-access
-    name = generator._shared.block.name  # pylint: disable=protected-access
+    workers = worker_processes(generator)
+    name = generator._pool.shared.block.name  # pylint: disable=protected-access
     assert len(workers) == 2
   for (step_a, a), (step_b, b) in zip(threads, in_workers):
     assert step_a == step_b and a['lr'].dtype == b['lr'].dtype == np.float32
@@ -324,15 +324,46 @@ def test_worker_processes_make_the_same_batches_and_clean_up(images):
   assert not generator_threads()
 
 
-def test_a_dead_worker_is_a_clear_error(images):
-  with data.PatchGenerator(images, data_config(num_workers=1, prefetch=1), scale=2, batch_size=2,
-                           seed=0) as generator:
-    next(generator)
-    for worker in generator._pool._processes.values():  # pylint: disable=protected-access
-      os.kill(worker.pid, signal.SIGKILL)
+def worker_processes(generator):
+  return list(generator._pool.executor._processes.values())  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('num_workers', [1, 2])
+def test_a_dead_worker_is_a_clear_error(images, num_workers):
+  """One worker killed (the others, which ignore SIGTERM, must not hang close()), busy or idle."""
+  start = time.perf_counter()
+  with data.PatchGenerator(images, data_config(num_workers=num_workers, prefetch=1), scale=2,
+                           batch_size=2, seed=0) as generator:
+    take(generator, 2 * num_workers)  # every worker has started
+    workers = worker_processes(generator)
+    time.sleep(0.2)  # the queues fill: the workers go idle
+    os.kill(workers[0].pid, signal.SIGKILL)
     with pytest.raises(data.DataError, match='patch worker process died'):
-      take(generator, 20)  # the batches already made come first
+      take(generator, 50)  # the batches already made come first
+  assert time.perf_counter() - start < 30
+  assert not any(w.is_alive() for w in workers)
   assert not generator_threads()
+
+
+def test_an_error_in_a_worker_reaches_the_consumer(images):
+  generator = data.PatchGenerator(images, data_config(num_workers=1, prefetch=1), scale=2,
+                                  batch_size=2, seed=0)
+  with generator:
+    generator._options['patch_size'] = 1000  # pylint: disable=protected-access; fails in the worker
+    with pytest.raises(data.DataError, match='smaller than one patch'):
+      take(generator, 50)
+  assert not generator_threads()
+
+
+def test_blocks_of_killed_runs_are_removed(images, tmp_path, monkeypatch):
+  monkeypatch.setattr(data, 'SHM_DIR', str(tmp_path))
+  stale = tmp_path / f'{data.SHM_PREFIX}{2 ** 22 + 12345}_dead'  # above Linux's largest pid
+  alive = tmp_path / f'{data.SHM_PREFIX}{os.getpid()}_mine'
+  other = tmp_path / 'psm_someone_else'
+  for path in (stale, alive, other):
+    path.write_bytes(b'x')
+  data.remove_stale_blocks()
+  assert not stale.exists() and alive.exists() and other.exists()
 
 
 def test_too_little_shared_memory_is_a_clear_error(images, monkeypatch):

@@ -19,6 +19,7 @@ import importlib.util
 import io
 import itertools
 import multiprocessing
+import multiprocessing.connection
 from multiprocessing import shared_memory
 import os
 import pathlib
@@ -27,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 
 from absl import logging
 import numpy as np
@@ -311,9 +313,8 @@ def to_float(batch):
 # Worker processes: the images in one shared-memory block, mapped (not copied) by every worker.
 
 _WORKER_IMAGES = None  # in a worker process: the images, views into the shared block
-
-
 SHM_DIR = '/dev/shm'  # where Linux keeps POSIX shared memory
+SHM_PREFIX = 'w2x_'  # our blocks: w2x_<creator pid>_<random>
 
 
 def shm_free_bytes():
@@ -325,10 +326,38 @@ def shm_free_bytes():
   return stat.f_bavail * stat.f_frsize
 
 
+def _pid_alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OverflowError):
+    return pid <= 2 ** 31 - 1  # someone else's process, or no process at all
+  return True
+
+
+def remove_stale_blocks():
+  """Removes our blocks whose creator is gone: killed together with its resource tracker (say, by
+  a SIGKILL to its process group), it could not unlink them, and they would hold memory until reboot."""
+  try:
+    names = os.listdir(SHM_DIR)
+  except OSError:
+    return
+  for name in names:
+    pid = name[len(SHM_PREFIX):].split('_', 1)[0]
+    if name.startswith(SHM_PREFIX) and pid.isdigit() and not _pid_alive(int(pid)):
+      try:
+        os.remove(os.path.join(SHM_DIR, name))
+        logging.warning('Removed %s, shared memory left by a killed training process', name)
+      except OSError:
+        pass
+
+
 class SharedImages:
   """The images copied once into one shared-memory block; `spec` lets another process map them."""
 
   def __init__(self, images):
+    remove_stale_blocks()
     offsets = [0] + list(itertools.accumulate(im.nbytes for im in images))
     free = shm_free_bytes()
     if free is not None and offsets[-1] > free:
@@ -337,10 +366,15 @@ class SharedImages:
       raise DataError(f'{SHM_DIR}: {free / 2 ** 20:.0f} MB free, the worker processes need '
                       f'{offsets[-1] / 2 ** 20:.0f} MB for the training images; enlarge it (docker run '
                       '--shm-size=...) or set config.data.num_workers=0 (threads)')
-    self.block = shared_memory.SharedMemory(create=True, size=max(1, offsets[-1]))
-    self.spec = (self.block.name, [(o, im.shape) for o, im in zip(offsets, images)])
-    for (offset, shape), image in zip(self.spec[1], images):
-      np.ndarray(shape, np.uint8, self.block.buf, offset)[...] = image
+    self.block = shared_memory.SharedMemory(
+        name=f'{SHM_PREFIX}{os.getpid()}_{os.urandom(4).hex()}', create=True, size=max(1, offsets[-1]))
+    try:
+      self.spec = (self.block.name, [(o, im.shape) for o, im in zip(offsets, images)])
+      for (offset, shape), image in zip(self.spec[1], images):
+        np.ndarray(shape, np.uint8, self.block.buf, offset)[...] = image
+    except BaseException:
+      self.close()
+      raise
 
   def close(self):
     if self.block is not None:
@@ -350,23 +384,37 @@ class SharedImages:
 
 
 def _views(buffer, layout):
-  return [np.ndarray(shape, np.uint8, buffer, offset) for offset, shape in layout]
+  views = [np.ndarray(shape, np.uint8, buffer, offset) for offset, shape in layout]
+  for view in views:
+    view.flags.writeable = False  # one block serves every worker: a stray write would reach all
+  return views
 
 
-def _exit_with_parent(parent_pid, poll_s=1.0):
-  while os.getppid() == parent_pid:
-    time.sleep(poll_s)
-  os._exit(0)  # the training process is gone (killed): nobody will read our batches
+def _exit_with_parent():
+  """Exits this worker once the process that started it is gone (killed: it cannot close us)."""
+  parent = multiprocessing.parent_process()
+  multiprocessing.connection.wait([parent.sentinel])  # ready at once if it is already gone
+  os._exit(0)
 
 
 def _init_worker(spec):
-  """Worker start: map the shared images; leave SIGINT/SIGTERM to the training process, which stops
-  at a step boundary and then closes the pool (a Ctrl-C or `timeout` signals the whole process
-  group), and exit should that process die without closing it."""
+  """Worker start: map the shared images; exit by itself should the training process die without
+  closing the pool.
+
+  SIGINT and SIGTERM aimed at the training run (a Ctrl-C, `timeout`, `kill -- -PGID`) are for the
+  training process alone, which stops at a step boundary and then closes the pool: the worker
+  leaves its process group. It was started with both signals blocked (see
+  `PatchGenerator._produce`), so one sent during its start-up is pending: SIG_IGN discards it.
+  SIGTERM then gets its default action back, which the executor uses to end the remaining workers
+  should one of them die."""
   global _WORKER_IMAGES  # pylint: disable=global-statement
+  os.setpgrp()
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  if hasattr(signal, 'pthread_sigmask'):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+  threading.Thread(target=_exit_with_parent, daemon=True).start()
   name, layout = spec
   # The creator alone owns the block; Python 3.13+ can say so (3.12 registers it twice, harmlessly).
   kwargs = {'track': False} if sys.version_info >= (3, 13) else {}
@@ -376,6 +424,46 @@ def _init_worker(spec):
 
 def _worker_make_batch(seed, step, indices, options):
   return make_batch_uint8(_WORKER_IMAGES[1], seed=seed, step=step, indices=indices, **options)
+
+
+class _WorkerPool:
+  """The worker processes and the shared images they read; `close()` is idempotent and also runs at
+  interpreter exit (weakref.finalize in PatchGenerator) should nobody call it."""
+
+  _JOIN_S = 10.0  # a worker finishes the batch in hand well within this; then it is killed
+
+  def __init__(self, images, num_workers):
+    self.shared = SharedImages(images)
+    try:
+      self.executor = concurrent.futures.ProcessPoolExecutor(
+          num_workers, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker,
+          initargs=(self.shared.spec,))
+    except BaseException:
+      self.shared.close()
+      raise
+
+  def submit(self, *args):
+    return self.executor.submit(_worker_make_batch, *args)
+
+  def close(self):
+    if self.executor is not None:
+      # A worker finishes the batch in hand and exits; one that hangs is killed, not waited on.
+      processes = list((getattr(self.executor, '_processes', None) or {}).values())
+      if getattr(self.executor, '_broken', False):
+        # A worker died: the executor's thread terminates and joins the rest, holding the lock that
+        # shutdown() takes. No need to wait for that.
+        for process in processes:
+          process.kill()
+      self.executor.shutdown(wait=False, cancel_futures=True)
+      deadline = time.monotonic() + self._JOIN_S
+      for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+          process.kill()
+          process.join()
+      self.executor.shutdown(wait=True)
+      self.executor = None
+    self.shared.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -425,21 +513,23 @@ class PatchGenerator:
     self._stop = threading.Event()
     num_threads = max(1, int(data_cfg.num_threads))
     num_workers = max(0, int(data_cfg.get('num_workers', 0)))
-    self._shared, self._pool = None, None
-    if num_workers:
-      num_threads = max(num_threads, num_workers)  # one batch in flight per worker at least
-      self._shared = SharedImages(self._images)
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-          num_workers, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker,
-          initargs=(self._shared.spec,))
+    # With workers, at least one thread per worker, each with a batch in flight (so about
+    # num_workers batches are queued, whatever `prefetch` says).
+    num_threads = max(num_threads, num_workers)
     depth = max(1, -(-int(data_cfg.prefetch) // num_threads))
     self._queues = [queue.Queue(maxsize=depth) for _ in range(num_threads)]
     self._threads = [threading.Thread(target=self._produce, args=(w,), name=f'PatchGenerator-{w}',
                                       daemon=True) for w in range(num_threads)]
+    self._pool = _WorkerPool(self._images, num_workers) if num_workers else None
+    self._release = weakref.finalize(self, self._pool.close) if self._pool else (lambda: None)
     for thread in self._threads:
       thread.start()
 
   def _produce(self, worker):
+    if self._pool is not None and hasattr(signal, 'pthread_sigmask'):
+      # Worker processes started from this thread inherit its signal mask: a Ctrl-C that reaches
+      # the process group while they import cannot kill them. The main thread still gets it.
+      signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     out = self._queues[worker]
     for step in itertools.count(self._start_step + worker, len(self._threads)):
       if self._stop.is_set():
@@ -464,17 +554,18 @@ class PatchGenerator:
   def _make(self, step):
     if self._pool is None:
       return make_batch(self._images, seed=self._seed, step=step, indices=self._indices, **self._options)
-    future = self._pool.submit(_worker_make_batch, self._seed, step, self._indices, self._options)
-    while True:
-      try:
-        return to_float(future.result(timeout=self._POLL_S))
-      except concurrent.futures.TimeoutError:
-        if self._stop.is_set():
-          future.cancel()
-          raise concurrent.futures.CancelledError from None
-      except concurrent.futures.process.BrokenProcessPool as error:
-        raise DataError(f'a patch worker process died ({error}); '
-                        'config.data.num_workers=0 makes the patches in this process') from error
+    try:
+      future = self._pool.submit(self._seed, step, self._indices, self._options)
+      while True:
+        try:
+          return to_float(future.result(timeout=self._POLL_S))
+        except concurrent.futures.TimeoutError:
+          if self._stop.is_set():
+            future.cancel()
+            raise concurrent.futures.CancelledError from None
+    except concurrent.futures.process.BrokenProcessPool as error:
+      raise DataError(f'a patch worker process died ({error}); '
+                      'config.data.num_workers=0 makes the patches in this process') from error
 
   def __iter__(self):
     return self
@@ -503,12 +594,7 @@ class PatchGenerator:
     for thread in self._threads:
       if thread is not threading.current_thread():
         thread.join()
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self._pool = None
-    if self._shared is not None:
-      self._shared.close()
-      self._shared = None
+    self._release()
 
   def __enter__(self):
     return self

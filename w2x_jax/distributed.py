@@ -9,8 +9,10 @@ cluster (SLURM, Open MPI, TPU pods, ...). On CPU, the processes exchange gradien
 
 import os
 
-import jax
 import numpy as np
+
+# jax is imported inside the functions: main.py imports this module for its flags, and patch worker
+# processes re-import main.py without needing JAX.
 
 ENV_VAR = 'W2X_DISTRIBUTED'
 MODES = ('off', 'auto')
@@ -49,6 +51,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, mo
     raise DistributedError(f'--num_processes={num_processes}: must be >= 1')
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
     raise DistributedError(f'--process_id={process_id}: must be in [0, {num_processes})')
+  import jax  # pylint: disable=g-import-not-at-top
   # Cross-process collectives on CPU need an implementation; gloo (TCP) needs nothing installed.
   # The flag only concerns the CPU client, so it is harmless on GPU hosts. An explicit choice
   # (JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi) is kept.
@@ -63,6 +66,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, mo
 
 def allgather(values):
   """A small int vector from every process: (process_count, len) numpy, the same on all."""
+  import jax  # pylint: disable=g-import-not-at-top
   values = np.asarray(values, np.int64)
   if jax.process_count() == 1:
     return values[None]
@@ -74,6 +78,7 @@ def allgather(values):
 
 def broadcast_from_0(value):
   """Process 0's int (e.g. an error flag) on every process."""
+  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return int(value)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
