@@ -13,7 +13,16 @@
 # ml_collections; the machine has jax), .gpu/train (../shared/data/train as lossless WebP, to fit
 # the 64 MiB transfer) and .gpu/init (models to fine-tune). Env: PY, DEADLINE_S (seconds after
 # start by which training ends), BATCH, WORKERS (per run), MIN_STEPS, BENCH_ARGS, RATE_ARGS,
-# TRAIN_ARGS (appended to every run; a dry run on a CPU shrinks them).
+# TRAIN_ARGS (appended to every run; a dry run on a CPU shrinks them). Preparing .gpu here:
+#   echo /.gpu/ >> .git/info/exclude
+#   .venv/bin/pip download --no-deps -d .gpu/whl flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 \
+#     ml_collections==1.1.0
+#   .venv/bin/python -c "import pathlib; from PIL import Image
+#   for p in pathlib.Path('../shared/data/train').rglob('*.png'):
+#     o = pathlib.Path('.gpu/train', p.parent.name, p.stem + '.webp'); o.parent.mkdir(parents=True, exist_ok=True)
+#     Image.open(p).save(o, lossless=True, quality=100, method=4)"
+# A dry run on this CPU: STAGES="data rate train" PY=.venv/bin/python NO_WHEELS=1 OUT=/tmp/o WORKERS=1
+#   BATCH=4 MIN_STEPS=20 TRAIN_ARGS="--config.data.patch_size=16" bash docs/gpu_session.sh
 set -u
 START=$SECONDS
 PY=${PY:-python3}
