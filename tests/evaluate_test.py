@@ -40,6 +40,15 @@ def test_bicubic_reproduces_published_figures(shared_data):
     assert abs(summary['baseline_psnr'] - figure) <= 0.01, (name, summary['baseline_psnr'])
 
 
+def test_shipped_compact_dcscn_meets_the_papers_figures(shared_data):
+  """Issue 7: the paper-protocol c-DCSCN reads at least the paper's figures on all three sets."""
+  predict, scale, _ = evaluate.make_predictor('paper_c_dcscn_y_scale2x', tta=False)
+  for name, paper in {'Set5': 37.13, 'Set14': 32.71, 'BSD100': 31.59}.items():
+    pairs = evaluate.load_dataset(str(shared_data / 'benchmark' / name), scale, -1)
+    summary, _, _ = evaluate.evaluate_dataset(predict, pairs, scale)
+    assert summary['psnr'] >= paper, (name, summary['psnr'])
+
+
 def test_noise_levels_degrade_in_order():
   rng = np.random.default_rng(0)
   yy, xx = np.mgrid[0:64, 0:64] / 64
