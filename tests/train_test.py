@@ -208,25 +208,24 @@ def _params(workdir):
   return jax.device_get(checkpoint.restore_model(workdir)[1])
 
 
+def _stat(pid):
+  """(state, parent pid) of a process from /proc (Linux), or None once it is gone."""
+  try:
+    fields = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+  except OSError:
+    return None
+  return fields[0], int(fields[1])
+
+
 def _children(pid):
-  """PIDs of the live processes whose parent is `pid` (Linux /proc)."""
-  found = []
-  for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
-    try:
-      fields = stat.read_text().rsplit(')', 1)[1].split()
-    except OSError:
-      continue
-    if int(fields[1]) == pid:
-      found.append(int(stat.parent.name))
-  return found
+  """PIDs of the processes whose parent is `pid`."""
+  pids = [int(path.name) for path in pathlib.Path('/proc').iterdir() if path.name.isdigit()]
+  return [child for child in pids if (_stat(child) or (None, None))[1] == pid]
 
 
 def _alive(pid):
-  try:
-    state = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
-  except OSError:
-    return False
-  return state != 'Z'
+  stat = _stat(pid)
+  return stat is not None and stat[0] != 'Z'
 
 
 def _run_until_checkpoint(cmd, workdir, step, sig, group=False):

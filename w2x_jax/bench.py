@@ -46,9 +46,7 @@ def bench_data(args):
   config = default_config.get_config('noise=2')
   dc = config.data
   dc.patch_size = args.patch_size
-  if args.threads:
-    dc.num_threads = args.threads
-  dc.num_workers = args.workers
+  _set_feeding(dc, args)
   batch_size = config.train.batch_size
   rows = []
   for scale in args.scales:
@@ -101,6 +99,18 @@ def _matmul_peak(args, dtype):
   return peaks[dtype]
 
 
+def _set_feeding(data_cfg, args):
+  """--threads (0: the config's) and --workers onto `config.data`."""
+  if args.threads:
+    data_cfg.num_threads = args.threads
+  data_cfg.num_workers = args.workers
+
+
+def _preset_runs(args):
+  """(preset, dtype) pairs to measure: every preset in each dtype."""
+  return [(name, dtype) for dtype in args.dtypes for name in args.presets]
+
+
 def _keep_freed_memory_on_cpu():
   import jax  # pylint: disable=g-import-not-at-top
   from w2x_jax import conv  # pylint: disable=g-import-not-at-top
@@ -121,13 +131,11 @@ def bench_train(args):
   _keep_freed_memory_on_cpu()
   rows = []
   batch_size = args.train_batch
-  for name, dtype in [(n, d) for d in args.dtypes for n in args.presets]:
+  for name, dtype in _preset_runs(args):
     peak = _matmul_peak(args, dtype)
     config = _preset_config(name, dtype=dtype)
     config.train.batch_size = batch_size
-    if args.threads:
-      config.data.num_threads = args.threads
-    config.data.num_workers = args.workers
+    _set_feeding(config.data, args)
     config.data.patch_size = args.patch_size
     scale = config.model.scale
     images, _ = load_bench_images(args.data_dir, data.min_image_size(args.patch_size, scale))
@@ -189,7 +197,7 @@ def bench_infer(args):
   rng = np.random.default_rng(0)
   image = rng.uniform(0, 1, (args.infer_size, args.infer_size, 3)).astype(np.float32)
   rows = []
-  for name, dtype in [(n, d) for d in args.dtypes for n in args.presets]:
+  for name, dtype in _preset_runs(args):
     peak = _matmul_peak(args, dtype)
     config = _preset_config(name, noise_level=-1, dtype=dtype)
     model = models.build_model(config.model)
