@@ -11,7 +11,14 @@ from configs import test as test_config
 from w2x_jax import conv
 from w2x_jax import models
 
-IMPLS = ('xla', 'matmul')
+IMPLS = ('xla', 'matmul', 'winograd')
+
+
+def _tolerances(impl, want):
+  """(rtol, atol): Winograd F(4x4, 3x3) rounds differently, ~1e-5 of the largest magnitude."""
+  if impl == 'winograd':
+    return 1e-4, 3e-5 * float(np.max(np.abs(want)))
+  return 1e-5, 1e-4
 
 
 @pytest.fixture(params=['xla_dk', 'matmul_dk_per_sample', 'matmul_dk_one_product'])
@@ -59,7 +66,7 @@ SHAPES = [
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('x_shape,k_shape', SHAPES)
 def test_values_and_grads_match_lax(impl, x_shape, k_shape, kernel_grad_path):
-  if impl == 'xla' and kernel_grad_path != 'xla_dk':
+  if impl != 'matmul' and kernel_grad_path != 'xla_dk':
     pytest.skip('the route only concerns the matmul conv')
   fn = conv.get_conv_fn(impl)
   x, kernel, cot = _data(x_shape, k_shape)
@@ -67,13 +74,27 @@ def test_values_and_grads_match_lax(impl, x_shape, k_shape, kernel_grad_path):
   got = jax.jit(lambda x, k, c: _value_and_grads(fn, x, k, c))(x, kernel, cot)
   for name, g, w in zip(('y', 'dx', 'dkernel'), got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, name
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4, err_msg=name)
+    rtol, atol = _tolerances(impl, w)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize('x_shape', [(1, 1, 1, 3), (2, 4, 4, 3), (1, 8, 12, 3), (1, 11, 3, 3),
+                                     (1, 17, 14, 3)])
+def test_winograd_tiles_any_size(x_shape):
+  """Images smaller than, equal to, and between multiples of the 4x4 output tile (the padding
+  of the last tiles must not leak into the output or the gradients)."""
+  x, kernel, cot = _data(x_shape, (3, 3, 3, 5), seed=8)
+  want = _value_and_grads(_reference, x, kernel, cot)
+  got = jax.jit(lambda x, k, c: _value_and_grads(conv.conv2d_winograd, x, k, c))(x, kernel, cot)
+  for name, g, w in zip(('y', 'dx', 'dkernel'), got, want):
+    rtol, atol = _tolerances('winograd', w)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_grad_of_scalar_loss_and_second_use(impl, kernel_grad_path):
   """jax.grad through a conv used twice (its input also feeds another op), as in the models."""
-  if impl == 'xla' and kernel_grad_path != 'xla_dk':
+  if impl != 'matmul' and kernel_grad_path != 'xla_dk':
     pytest.skip('the route only concerns the matmul conv')
   fn = conv.get_conv_fn(impl)
   x, kernel, _ = _data((2, 5, 6, 4), (3, 3, 4, 4), seed=1)
@@ -84,17 +105,21 @@ def test_grad_of_scalar_loss_and_second_use(impl, kernel_grad_path):
   want = jax.grad(loss(_reference), (0, 1))(x, kernel)
   got = jax.jit(jax.grad(loss(fn), (0, 1)))(x, kernel)
   for g, w in zip(got, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-3)
+    rtol, atol = _tolerances(impl, w)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=max(atol, 1e-3))
 
 
-def test_vmap_over_batch(kernel_grad_path):
-  fn = conv.get_conv_fn('matmul')
+@pytest.mark.parametrize('impl', ('matmul', 'winograd'))
+def test_vmap_over_batch(impl, kernel_grad_path):
+  if impl == 'winograd' and kernel_grad_path != 'xla_dk':
+    pytest.skip('the route only concerns the matmul conv')
+  fn = conv.get_conv_fn(impl)
   x, kernel, _ = _data((3, 2, 5, 5, 3), (3, 3, 3, 4), seed=2)
   cot = jax.random.normal(jax.random.key(7), (3, 2, 5, 5, 4))
   per = jax.vmap(lambda x, c: _value_and_grads(fn, x, kernel, c))(x, cot)
   ref = jax.vmap(lambda x, c: _value_and_grads(_reference, x, kernel, c))(x, cot)
   for g, w in zip(per, ref):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), *_tolerances(impl, w))
 
 
 def test_bfloat16_inputs(kernel_grad_path):
@@ -109,11 +134,14 @@ def test_bfloat16_inputs(kernel_grad_path):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=0.02 * scale)
 
 
-def test_data_parallel_sharding(kernel_grad_path):
+@pytest.mark.parametrize('impl', ('matmul', 'winograd'))
+def test_data_parallel_sharding(impl, kernel_grad_path):
   """The batch sharded over every device (conftest: 4 CPU devices) gives the same gradients."""
+  if impl == 'winograd' and kernel_grad_path != 'xla_dk':
+    pytest.skip('the route only concerns the matmul conv')
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-  fn = conv.get_conv_fn('matmul')
+  fn = conv.get_conv_fn(impl)
   x, kernel, cot = _data((2 * len(devices), 5, 6, 3), (3, 3, 3, 5), seed=4)
   x = jax.device_put(x, NamedSharding(mesh, P('data')))
   cot = jax.device_put(cot, NamedSharding(mesh, P('data')))
@@ -121,7 +149,7 @@ def test_data_parallel_sharding(kernel_grad_path):
   got = jax.jit(lambda x, k, c: _value_and_grads(fn, x, k, c))(x, kernel, cot)
   want = _value_and_grads(_reference, *(np.asarray(a) for a in (x, kernel, cot)))
   for g, w in zip(got, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), *_tolerances(impl, w))
 
 
 def test_kernel_grad_route_by_channels():
@@ -132,13 +160,34 @@ def test_kernel_grad_route_by_channels():
   assert not conv._xla_kernel_grad_is_faster(32, 3)  # pylint: disable=protected-access
 
 
+def test_winograd_route_by_channels_and_dtype():
+  assert conv.winograd_is_faster((3, 3, 196, 172), jnp.float32)
+  assert conv.winograd_is_faster((3, 3, 32, 32), jnp.float32)
+  assert not conv.winograd_is_faster((3, 3, 3, 196), jnp.float32)  # the first layer
+  assert not conv.winograd_is_faster((3, 3, 256, 12), jnp.float32)  # ESPCN-SU's upsampler
+  assert not conv.winograd_is_faster((1, 1, 196, 172), jnp.float32)
+  assert not conv.winograd_is_faster((3, 3, 196, 172), jnp.bfloat16)
+
+
+def test_cpu_conv_picks_per_layer(monkeypatch):
+  """conv2d_cpu: Winograd where winograd_is_faster, the matmul conv elsewhere."""
+  calls = []
+  monkeypatch.setattr(conv, 'conv2d_winograd', lambda x, k: calls.append('winograd') or x)
+  monkeypatch.setattr(conv, 'conv2d_matmul_vjp', lambda x, k: calls.append('matmul') or x)
+  conv.conv2d_cpu(jnp.zeros((1, 4, 4, 32)), jnp.zeros((3, 3, 32, 32)))
+  conv.conv2d_cpu(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 32)))
+  conv.conv2d_cpu(jnp.zeros((1, 4, 4, 32), jnp.bfloat16), jnp.zeros((3, 3, 32, 32), jnp.bfloat16))
+  assert calls == ['winograd', 'matmul', 'matmul']
+
+
 def test_get_conv_fn_names():
   assert conv.get_conv_fn('xla') is conv.conv2d_xla
   assert conv.get_conv_fn('matmul') is conv.conv2d_matmul_vjp
-  assert conv.get_conv_fn('auto', backend='cpu') is conv.conv2d_matmul_vjp
+  assert conv.get_conv_fn('winograd') is conv.conv2d_winograd
+  assert conv.get_conv_fn('auto', backend='cpu') is conv.conv2d_cpu
   assert conv.get_conv_fn('auto', backend='gpu') is conv.conv2d_xla
   with pytest.raises(ValueError, match='conv.py'):
-    conv.get_conv_fn('winograd')
+    conv.get_conv_fn('fft')
 
 
 def _tiny_espcn():
@@ -176,6 +225,10 @@ def test_models_agree_across_convs(make_cfg, monkeypatch):
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  y1, g1 = output_and_grads('winograd')
+  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
 
 
 def test_build_model_defaults_to_auto_and_rejects_unknown():
