@@ -12,8 +12,13 @@
     for 60-150 channels); with few channels (see `_xla_kernel_grad_is_faster`) XLA's own kernel
     gradient was faster and is kept;
   - 1x1 kernels are plain matmuls both ways;
-- 'auto': 'matmul' on CPU, 'xla' elsewhere (GPU/TPU convolution gradients are already fast).
-Both give the same values and gradients up to float rounding (tests/conv_test.py).
+- 'winograd': 3x3 kernels by Winograd F(4x4, 3x3) both ways (a quarter of the multiply-adds, as 36
+  batched matmuls between linear tile transforms; the backward pass works in the transformed
+  domain too); other kernels as 'matmul';
+- 'auto': on CPU, per layer, 'winograd' where it was measured faster (`winograd_is_faster`: float32
+  3x3 with >= 32 channels in and out) and 'matmul' elsewhere; 'xla' on GPU/TPU (their convolution
+  gradients are already fast).
+All give the same values and gradients up to float rounding (tests/conv_test.py).
 """
 
 import ctypes

@@ -20,9 +20,10 @@ import numpy as np
 from w2x_jax import models
 
 # LR pixels per tile side, margins included. Measured on 2 CPU cores (output MP/s, 600x600 input,
-# tiles 128/256/384/512): the seed DCSCN 0.047/0.088/0.067/0.037, ESPCN-SU 0.141/0.145/0.149/0.082:
-# bigger tiles waste less on the overlap (DCSCN: 41/22/15/11%) until their activations (1281
-# channels at the tile's size) fall out of cache. 256 is fastest or near it, and bounds memory.
+# tiles 128/256/384/512, Winograd convolutions): the seed DCSCN 0.116/0.133/0.114/0.147 (512 picks
+# 384 tiles for this image), ESPCN-SU 0.277/0.269/0.265/0.269: bigger tiles waste less on the
+# overlap (DCSCN: 41/22/15/11%) but their activations (1281 channels at the tile's size) fall out of
+# cache. 256 is fastest or near it (within this machine's ~10% noise), and bounds memory.
 DEFAULT_TILE_SIZE = 256
 TILE_COST_PIXELS = 32 * 32  # per-tile overhead in pixel-equivalents when choosing a tile side
 CHROMA_MARGIN = 2  # bicubic CbCr reads 2 LR pixels each side
