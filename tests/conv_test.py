@@ -122,8 +122,11 @@ def test_vmap_over_batch(impl, kernel_grad_path):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), *_tolerances(impl, w))
 
 
-def test_bfloat16_inputs(kernel_grad_path):
-  fn = conv.get_conv_fn('matmul')
+@pytest.mark.parametrize('impl', ('matmul', 'winograd'))
+def test_bfloat16_inputs(impl, kernel_grad_path):
+  if impl == 'winograd' and kernel_grad_path != 'xla_dk':
+    pytest.skip('the route only concerns the matmul conv')
+  fn = conv.get_conv_fn(impl)
   x, kernel, cot = _data((2, 6, 5, 8), (3, 3, 8, 6), jnp.bfloat16, seed=3)
   got = jax.jit(lambda x, k, c: _value_and_grads(fn, x, k, c))(x, kernel, cot)
   want = _value_and_grads(_reference, x.astype(jnp.float32), kernel.astype(jnp.float32),
@@ -158,6 +161,11 @@ def test_kernel_grad_route_by_channels():
   assert not conv._xla_kernel_grad_is_faster(62, 55)  # pylint: disable=protected-access
   assert not conv._xla_kernel_grad_is_faster(152, 134)  # pylint: disable=protected-access
   assert not conv._xla_kernel_grad_is_faster(32, 3)  # pylint: disable=protected-access
+
+
+def test_winograd_rejects_mixed_dtypes():
+  with pytest.raises(TypeError, match='one dtype'):
+    conv.conv2d_winograd(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2), jnp.bfloat16))
 
 
 def test_winograd_route_by_channels_and_dtype():

@@ -296,7 +296,7 @@ def _wino_output_t(dy, th, tw):
 
 
 def _wino_kernel(kernel):
-  """(36, Cin, Cout): G g G^T of the 3x3 kernel (HWIO), in float32 (its entries 1/6, 1/24)."""
+  """(36, Cin, Cout): G g G^T of the 3x3 kernel (HWIO), summed in float32 (its entries 1/6, 1/24)."""
   g = jnp.asarray(_WINO_G, jnp.float32)
   u = jnp.einsum('ia,jb,abco->ijco', g, g, kernel.astype(jnp.float32))
   return u.reshape(_WINO_ALPHA ** 2, *kernel.shape[2:]).astype(kernel.dtype)
@@ -347,11 +347,17 @@ _conv_winograd.defvjp(_wino_fwd, _wino_bwd)
 def conv2d_winograd(x, kernel):
   """Same values as `conv2d_xla` up to float rounding (relative error ~1e-5 in float32, as the
   transforms scale by up to 8 and 1/24): 3x3 kernels by Winograd F(4x4, 3x3) both ways, 1x1 as
-  matmuls; other kernel sizes fall back to `conv2d_matmul_vjp`."""
+  matmuls; other kernel sizes fall back to `conv2d_matmul_vjp`. Narrower dtypes (bfloat16) are
+  computed in float32 and rounded back: their 8-bit mantissa would lose ~10% through the
+  transforms (measured), so there Winograd saves nothing (`winograd_is_faster` says no)."""
   _check(x, kernel)
-  if kernel.shape[:2] == (3, 3):
-    return _conv_winograd(x, kernel)
-  return conv2d_matmul_vjp(x, kernel)
+  if x.dtype != kernel.dtype:
+    raise TypeError(f'conv.py: x and kernel must have one dtype, got {x.dtype} and {kernel.dtype}')
+  if kernel.shape[:2] != (3, 3):
+    return conv2d_matmul_vjp(x, kernel)
+  if x.dtype != jnp.float32:
+    return _conv_winograd(x.astype(jnp.float32), kernel.astype(jnp.float32)).astype(x.dtype)
+  return _conv_winograd(x, kernel)
 
 
 _WINO_MIN_CHANNELS = 32

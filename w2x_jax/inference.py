@@ -22,8 +22,9 @@ from w2x_jax import models
 # LR pixels per tile side, margins included. Measured on 2 CPU cores (output MP/s, 600x600 input,
 # tiles 128/256/384/512, Winograd convolutions): the seed DCSCN 0.116/0.133/0.114/0.147 (512 picks
 # 384 tiles for this image), ESPCN-SU 0.277/0.269/0.265/0.269: bigger tiles waste less on the
-# overlap (DCSCN: 41/22/15/11%) but their activations (1281 channels at the tile's size) fall out of
-# cache. 256 is fastest or near it (within this machine's ~10% noise), and bounds memory.
+# overlap (DCSCN: 41/22/15/11%) but gain little here (within this machine's ~10% noise), while
+# a tile's activations (1281 channels at its size for DCSCN) grow with its area. 256 keeps memory
+# bounded at about the speed of the larger tiles.
 DEFAULT_TILE_SIZE = 256
 TILE_COST_PIXELS = 32 * 32  # per-tile overhead in pixel-equivalents when choosing a tile side
 CHROMA_MARGIN = 2  # bicubic CbCr reads 2 LR pixels each side
