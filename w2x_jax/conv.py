@@ -296,10 +296,15 @@ def _wino_output_t(dy, th, tw):
 
 
 def _wino_kernel(kernel):
-  """(36, Cin, Cout): G g G^T of the 3x3 kernel (HWIO), summed in float32 (its entries 1/6, 1/24)."""
+  """(36, Cin, Cout): G g G^T of the 3x3 kernel g (HWIO)."""
   g = jnp.asarray(_WINO_G, jnp.float32)
-  u = jnp.einsum('ia,jb,abco->ijco', g, g, kernel.astype(jnp.float32))
-  return u.reshape(_WINO_ALPHA ** 2, *kernel.shape[2:]).astype(kernel.dtype)
+  return jnp.einsum('ia,jb,abco->ijco', g, g, kernel).reshape(_WINO_ALPHA ** 2, *kernel.shape[2:])
+
+
+def _wino_kernel_t(du):
+  """The adjoint of `_wino_kernel`: (3, 3, Cin, Cout) G^T dU G from dU (36, Cin, Cout)."""
+  g = jnp.asarray(_WINO_G, jnp.float32)
+  return jnp.einsum('ia,jb,ijco->abco', g, g, du.reshape(_WINO_ALPHA, _WINO_ALPHA, *du.shape[1:]))
 
 
 def _bmm(a, b):
@@ -313,6 +318,7 @@ def _tiles(h, w):
 
 @jax.custom_vjp
 def _conv_winograd(x, kernel):
+  """float32 only (`conv2d_winograd` casts): the transforms' factors would not fit a narrower type."""
   n, h, w, _ = x.shape
   th, tw = _tiles(h, w)
   return _wino_output(_bmm(_wino_input(x, th, tw), _wino_kernel(kernel)), n, th, tw, h, w)
@@ -329,16 +335,10 @@ def _wino_bwd(res, dy):
   x, kernel = res
   n, h, w, _ = x.shape
   th, tw = _tiles(h, w)
-  dm = _wino_output_t(dy.astype(x.dtype), th, tw)
-  dv = _bmm(dm, _wino_kernel(kernel).transpose(0, 2, 1))
-  dx = _wino_input_t(dv, x.shape, th, tw)
-  v = _wino_input(x, th, tw)
-  du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))),
-                       preferred_element_type=_acc_type(x.dtype))  # (36, Cin, Cout)
-  g = jnp.asarray(_WINO_G, jnp.float32)
-  dk = jnp.einsum('ia,jb,ijco->abco', g, g,
-                  du.astype(jnp.float32).reshape(_WINO_ALPHA, _WINO_ALPHA, *du.shape[1:]))
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  dm = _wino_output_t(dy, th, tw)
+  dx = _wino_input_t(_bmm(dm, _wino_kernel(kernel).transpose(0, 2, 1)), x.shape, th, tw)
+  du = lax.dot_general(_wino_input(x, th, tw), dm, (((1,), (1,)), ((0,), (0,))))  # (36, Cin, Cout)
+  return dx, _wino_kernel_t(du)
 
 
 _conv_winograd.defvjp(_wino_fwd, _wino_bwd)
