@@ -267,3 +267,11 @@ def test_seed_dcscn_runs_its_wide_layers_as_winograd_on_cpu(monkeypatch):
   model = models.build_model(cfg, conv_fn=conv.get_conv_fn('auto', backend='cpu'))
   jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   assert calls.count('winograd') == 13 and calls.count('matmul') == 4, calls
+
+
+def test_keep_freed_memory_on_cpu_only(monkeypatch):
+  calls = []
+  monkeypatch.setattr(conv, 'keep_freed_memory', lambda: calls.append(1) or True)
+  assert conv.keep_freed_memory_on_cpu() and calls == [1]  # the tests run on the CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert not conv.keep_freed_memory_on_cpu() and calls == [1]

@@ -10,6 +10,7 @@ from PIL import Image, ImageCms
 
 from configs import test as test_config
 from w2x_jax import checkpoint
+from w2x_jax import conv
 from w2x_jax import models
 from w2x_jax import upscale
 
@@ -54,12 +55,14 @@ def _tmp_files(root):
   return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith('.tmp')]
 
 
-def test_single_file_device_line_and_progress(tmp_path, capsys, model_dirs):
+def test_single_file_device_line_and_progress(tmp_path, capsys, model_dirs, monkeypatch):
+  kept = []  # the command keeps freed memory (on the CPU), as training does
+  monkeypatch.setattr(conv, 'keep_freed_memory_on_cpu', lambda: kept.append(1))
   _png(tmp_path / 'a.png', (6, 9, 3), icc_profile=SRGB_ICC)
   _png(tmp_path / 'big.png', (70, 90, 3))  # 4 x 5 tiles of 20 + margins: a tile bar too
   code, out, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '-m',
                         model_dirs['2x'], *FAST)
-  assert code == 0
+  assert code == 0 and kept == [1]
   assert out.strip() == '1 done, 0 skipped, 0 failed'
   assert err.count('running on 4 device(s)') == 1
   assert '1/1' in err and 'file' in err and 'tile/s' not in err  # no tile bar for a small image

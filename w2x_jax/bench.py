@@ -111,13 +111,6 @@ def _preset_runs(args):
   return [(name, dtype) for dtype in args.dtypes for name in args.presets]
 
 
-def _keep_freed_memory_on_cpu():
-  import jax  # pylint: disable=g-import-not-at-top
-  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() == 'cpu':
-    conv.keep_freed_memory()  # as train.train_and_evaluate does on CPU
-
-
 def bench_train(args):
   """The jitted train step: alone (on batches made beforehand), GFLOP/s against the matmul peak;
   then fed by the real PatchGenerator, as in training (the generator's threads share the cores).
@@ -126,9 +119,10 @@ def bench_train(args):
   be well above 1 for the generator never to be the bottleneck.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
   from w2x_jax import train  # pylint: disable=g-import-not-at-top
-  _keep_freed_memory_on_cpu()
+  conv.keep_freed_memory_on_cpu()  # as training and the upscale command do
   rows = []
   batch_size = args.train_batch
   for name, dtype in _preset_runs(args):
@@ -191,9 +185,10 @@ def bench_infer(args):
   the tiling's overlap."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import inference  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
-  _keep_freed_memory_on_cpu()
+  conv.keep_freed_memory_on_cpu()  # as training and the upscale command do
   rng = np.random.default_rng(0)
   image = rng.uniform(0, 1, (args.infer_size, args.infer_size, 3)).astype(np.float32)
   rows = []

@@ -377,8 +377,7 @@ def train_and_evaluate(config, workdir, devices=None):
   """Trains (or resumes) the configured model in `workdir`; returns the final train state."""
   check_config(config)
   tc = config.train
-  if jax.default_backend() == 'cpu':
-    conv.keep_freed_memory()  # XLA:CPU re-faults its activations each step otherwise (conv.py)
+  conv.keep_freed_memory_on_cpu()  # XLA:CPU re-faults its activations each step otherwise
   os.makedirs(workdir, exist_ok=True)
   refused = None
   if jax.process_index() == 0:

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from w2x_jax import conv
 from w2x_jax import distributed
 from w2x_jax import image_io
 from w2x_jax import inference
@@ -400,6 +401,7 @@ def main(argv=None, load_model_fn=None):
   except distributed.DistributedError as e:
     err(f'{PROG}: {e}')
     return 2
+  conv.keep_freed_memory_on_cpu()  # XLA:CPU would page-fault every tile's activations afresh
   single = not os.path.isdir(args.input) and not (
       os.path.splitext(args.input)[1].lower() in LIST_SUFFIXES and os.path.isfile(args.input))
   named_output = args.output if single and not (
