@@ -117,6 +117,11 @@ def _depth_to_space_reference(x, s):
   return out
 
 
+def _depth_to_space_jnp(x, s):
+  n, h, w, cs = x.shape
+  return x.reshape(n, h, w, cs // (s * s), s, s).transpose(0, 1, 4, 2, 5, 3).reshape(n, h * s, w * s, -1)
+
+
 @pytest.mark.parametrize('scale', [1, 2, 3])
 def test_pixel_shuffle_matches_reference(scale):
   x = np.random.default_rng(scale).random((2, 3, 4, 2 * scale * scale)).astype(np.float32)
@@ -124,6 +129,15 @@ def test_pixel_shuffle_matches_reference(scale):
                                 _depth_to_space_reference(x, scale))
   with pytest.raises(ValueError, match='divisible'):
     models.pixel_shuffle(jnp.zeros((1, 2, 2, 5)), 2)
+  # Its input is materialized before the transpose (forward pass only); derivatives unchanged.
+  shuffle = lambda v: models.pixel_shuffle(v, scale)
+  assert 'optimization_barrier' in jax.jit(shuffle).lower(jnp.asarray(x)).as_text()
+  t = np.random.default_rng(9).random(x.shape).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(jax.jvp(shuffle, (x,), (t,))[1]),
+                                _depth_to_space_reference(t, scale))
+  g = np.random.default_rng(8).random(_depth_to_space_reference(x, scale).shape).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(jax.vjp(shuffle, x)[1](g)[0]),
+                                np.asarray(jax.vjp(lambda v: _depth_to_space_jnp(v, scale), x)[1](g)[0]))
 
 
 def _torch_bilinear_reference(x, s):
