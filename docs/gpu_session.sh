@@ -8,7 +8,9 @@
 #     (compact DCSCN RGB fine-tuned from the shipped model, compact on Y, ESPCN-SU) with 5 threads
 #     each and STAGES="bench rate train upscale"; session 2 runs the two below on the paper's
 #     protocol (bicubic downscaling only, Y for the compact model) with worker processes;
-#   upscale: the upscale command on the GPU.
+#   upscale: the upscale command on the GPU;
+#   convs: the matmul and Winograd convolutions (CPU routes, also selectable there) against XLA's
+#     on the GPU, values and gradients (session 3 ran STAGES="convs bench").
 # Needs .gpu/whl (the pure-Python wheels of requirements.txt's flax, optax, orbax-checkpoint and
 # ml_collections; the machine has jax), .gpu/train (../shared/data/train as lossless WebP, to fit
 # the 64 MiB transfer) and .gpu/init (models to fine-tune). Env: PY, DEADLINE_S (seconds after
@@ -52,6 +54,30 @@ from w2x_jax import conv
 if ' bench ' in '$STAGES': print('float32 matmul 8192: %.0f GFLOP/s at default precision, %.0f at highest; bfloat16 %.0f' % (
     conv.measure_matmul_gflops(8192), conv.measure_matmul_gflops(8192, precision='highest'),
     conv.measure_matmul_gflops(8192, dtype='bfloat16')))" 2>&1; } | tee "$OUT/env.txt"
+
+if stage convs; then
+log 'convolutions against XLA on the GPU'
+timeout 120 $PY - <<'EOF' 2>&1 | grep -v -e '^WARNING' -e '^I[0-9]'
+import jax, jax.numpy as jnp, numpy as np
+from w2x_jax import conv
+jax.config.update('jax_default_matmul_precision', 'highest')  # not TF32: compare the maths
+print('auto on', jax.default_backend(), 'is', conv.get_conv_fn('auto').__name__)
+rng = np.random.default_rng(0)
+for shape, k in (((3, 13, 17, 32), 3), ((2, 48, 48, 64), 3), ((2, 9, 7, 5), 1), ((1, 6, 5, 3), 3)):
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, shape[-1], 24)) * 0.1, jnp.float32)
+  dy = jnp.asarray(rng.standard_normal(shape[:-1] + (24,)), jnp.float32)
+  def grads(fn):
+    y, vjp = jax.vjp(jax.jit(fn), x, w)
+    return (y,) + vjp(dy)
+  ref = grads(conv.conv2d_xla)
+  for name in ('matmul', 'winograd'):
+    got = grads(conv.get_conv_fn(name))
+    err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(got, ref))
+    print(f'{name:8s} {shape} k{k}: max relative difference (y, dx, dkernel) {err:.1e}',
+          'ok' if err < 1e-4 else 'MISMATCH')
+EOF
+fi
 
 if stage bench; then
 log bench

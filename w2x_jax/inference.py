@@ -19,13 +19,14 @@ import numpy as np
 
 from w2x_jax import models
 
-# LR pixels per tile side, margins included. Measured on 2 CPU cores (output MP/s, 600x600 input,
-# tiles 128/256/384/512, Winograd convolutions): the seed DCSCN 0.116/0.133/0.114/0.147 (512 picks
-# 384 tiles for this image), ESPCN-SU 0.277/0.269/0.265/0.269: bigger tiles waste less on the
-# overlap (DCSCN: 41/22/15/11%) but gain little here (within this machine's ~10% noise), while
-# a tile's activations (1281 channels at its size for DCSCN) grow with its area. 256 keeps memory
-# bounded at about the speed of the larger tiles.
-DEFAULT_TILE_SIZE = 256
+# LR pixels per tile side, margins included: the largest tile; each image gets whichever of it and
+# 4/5, 3/5, 2/5 of it computes the fewest pixels (Upscaler.tile_side). Measured on 2 CPU cores
+# (Winograd convolutions, the seed DCSCN, margin 15): per computed pixel tiles of 128-512 run at
+# the same speed within this machine's ~10% noise, so the choice is about the overlap: 320 lets a
+# 512x512 image take 4 tiles of 320 (1.56x its pixels computed, 7.5-8.3 s) instead of 9 of 256
+# (2.25x, 10.4-10.8 s), and 1920x1080 1.40x instead of 1.44x. Peak memory grows with a tile's
+# area (the DCSCN's 1281 concatenated channels): 4.0-5.0 GB against 3.6 GB at 256 for that image.
+DEFAULT_TILE_SIZE = 320
 TILE_COST_PIXELS = 32 * 32  # per-tile overhead in pixel-equivalents when choosing a tile side
 CHROMA_MARGIN = 2  # bicubic CbCr reads 2 LR pixels each side
 LUMA = (0.299, 0.587, 0.114)  # BT.601
@@ -188,9 +189,10 @@ class Upscaler:
   def tile_side(self, height, width, channels):
     """The tile side for one image, from a few fixed shapes (each compiled once): the configured
     side halved while a smaller tile still holds the whole image; else whichever of the configured
-    side, 3/4 and 1/2 of it computes the fewest pixels for this image (the last tiles of a row or
-    column overlap their neighbours, so a side whose core divides the image better wastes less:
-    1024x1024 with the shipped model computes 1.64 M pixels in tiles of 256, 1.33 M in 192)."""
+    side and 4/5, 3/5, 2/5 of it (multiples of 8) computes the fewest pixels for this image (the
+    last tiles of a row or column overlap their neighbours, so a side whose core divides the image
+    better wastes less: 1024x1024 with the shipped model computes 1.65 M pixels in tiles of 320,
+    1.36 M in 192)."""
     margin = self.margin(channels)
     side = self.tile_size
     if side <= 2 * margin:
@@ -200,7 +202,7 @@ class Upscaler:
       while side // 2 > 2 * margin and side // 2 >= need:
         side //= 2
       return side
-    candidates = [side] + [s for s in (side * 3 // 4 // 8 * 8, side // 2 // 8 * 8) if s >= 4 * margin]
+    candidates = [side] + [s for s in (side * k // 5 // 8 * 8 for k in (4, 3, 2)) if s >= 4 * margin]
     return min(candidates, key=lambda s: (self._computed_pixels(height, width, margin, s), -s))
 
   @staticmethod
