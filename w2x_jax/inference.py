@@ -24,7 +24,7 @@ from w2x_jax import models
 # (Winograd convolutions, the seed DCSCN, margin 15): per computed pixel tiles of 128-512 run at
 # the same speed within this machine's ~10% noise, so the choice is about the overlap: 320 lets a
 # 512x512 image take 4 tiles of 320 (1.56x its pixels computed, 7.5-8.3 s) instead of 9 of 256
-# (2.25x, 10.4-10.8 s), and 1920x1080 1.40x instead of 1.44x. Peak memory grows with a tile's
+# (2.25x, 10.4-10.8 s), and 1920x1080 1.38x instead of 1.42x. Peak memory grows with a tile's
 # area (the DCSCN's 1281 concatenated channels): 4.0-5.0 GB against 3.6 GB at 256 for that image.
 DEFAULT_TILE_SIZE = 320
 TILE_COST_PIXELS = 32 * 32  # per-tile overhead in pixel-equivalents when choosing a tile side
@@ -188,22 +188,23 @@ class Upscaler:
 
   def tile_side(self, height, width, channels):
     """The tile side for one image, from a few fixed shapes (each compiled once): the configured
-    side halved while a smaller tile still holds the whole image; else whichever of the configured
-    side and 4/5, 3/5, 2/5 of it (multiples of 8) computes the fewest pixels for this image (the
-    last tiles of a row or column overlap their neighbours, so a side whose core divides the image
-    better wastes less: 1024x1024 with the shipped model computes 1.65 M pixels in tiles of 320,
-    1.36 M in 192)."""
+    side and 4/5, 3/5, 2/5 of it (multiples of 8, at least twice the margins). An image that one
+    of them holds whole gets the smallest such, halved while half still holds it; a larger one
+    gets whichever computes the fewest pixels (the last tiles of a row or column overlap their
+    neighbours, so a side whose core divides the image better wastes less: 1024x1024 with the
+    shipped model takes 16 tiles of 320, 1.64 M pixels, or 36 of 192, 1.33 M)."""
     margin = self.margin(channels)
     side = self.tile_size
     if side <= 2 * margin:
       raise ValueError(f'tile size {side} must exceed twice the model margin ({margin})')
+    sides = [side] + [s for s in (side * k // 5 // 8 * 8 for k in (4, 3, 2)) if s >= 4 * margin]
     need = max(height, width) + 2 * margin
     if side >= need:
+      side = min(s for s in sides if s >= need)
       while side // 2 > 2 * margin and side // 2 >= need:
         side //= 2
       return side
-    candidates = [side] + [s for s in (side * k // 5 // 8 * 8 for k in (4, 3, 2)) if s >= 4 * margin]
-    return min(candidates, key=lambda s: (self._computed_pixels(height, width, margin, s), -s))
+    return min(sides, key=lambda s: (self._computed_pixels(height, width, margin, s), -s))
 
   @staticmethod
   def _computed_pixels(height, width, margin, side):
