@@ -263,6 +263,9 @@ def test_conv_fn_routes_every_conv():
     x = jax.ShapeDtypeStruct((1, 6, 6, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), x)['params']
     kernels = [l.shape for l in jax.tree_util.tree_leaves(params) if l.ndim == 4]
+    if cfg.name == 'dcscn' and cfg.upsampler_filters <= models.FINAL_BEFORE_SHUFFLE_MAX:
+      k = params['final']['kernel'].shape  # run before the shuffle, as its subpixel kernel
+      kernels[kernels.index(k)] = k[:2] + (k[2] * 4, k[3] * 4)
     assert sorted(calls) == sorted(kernels)
 
 
@@ -308,3 +311,36 @@ def test_activations():
   np.testing.assert_allclose(np.asarray(y), [[-0.2, -0.1, 3.0]], rtol=1e-6)
   y = models.Activation('selu').apply({}, x)
   np.testing.assert_allclose(np.asarray(y)[0, 2], 1.0507009873554805 * 3.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize('scale', [1, 2, 3])
+def test_subpixel_kernel_equals_conv_after_shuffle(scale):
+  rng = np.random.default_rng(scale)
+  x = jnp.asarray(rng.standard_normal((2, 5, 7, 3 * scale * scale)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 2)), jnp.float32)
+  want = models.conv2d(models.pixel_shuffle(x, scale), kernel)  # zero padding at HR edges too
+  got = models.pixel_shuffle(models.conv2d(x, models.subpixel_kernel(kernel, scale)), scale)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize('scale', [2, 3])
+def test_dcscn_final_conv_before_the_shuffle_is_the_same_model(scale):
+  """Few upsampler filters (the compact model's 8): the HR conv runs before the shuffle, with the
+  same params, values and gradients (PReLU's alphas stay one per shuffled channel)."""
+  cfg = _cfg(dcscn_compact, scale, final_bias=True)
+  assert cfg.upsampler_filters <= models.FINAL_BEFORE_SHUFFLE_MAX < _cfg(dcscn).upsampler_filters
+  model = models.build_model(cfg)
+  hr_model = model.clone(final_before_shuffle=False)
+  x = jnp.asarray(np.random.default_rng(0).random((2, 9, 11, 1)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  assert (jax.tree_util.tree_map(jnp.shape, params)
+          == jax.tree_util.tree_map(jnp.shape, hr_model.init(jax.random.PRNGKey(0), x)['params']))
+  assert params['upsampler_act']['alpha'].shape == (8,) and params['final']['kernel'].shape == (3, 3, 8, 1)
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), 100))
+  params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape), params)
+  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)
+  np.testing.assert_allclose(np.asarray(model.apply({'params': params}, x)),
+                             np.asarray(hr_model.apply({'params': params}, x)), atol=1e-5)
+  for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss(model))(params)),
+                  jax.tree_util.tree_leaves(jax.grad(loss(hr_model))(params))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4 * float(jnp.abs(h).max()))
