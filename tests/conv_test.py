@@ -270,8 +270,11 @@ def test_seed_dcscn_runs_its_wide_layers_as_winograd_on_cpu(monkeypatch):
 
 
 def test_keep_freed_memory_on_cpu_only(monkeypatch):
+  assert conv.runs_on_cpu_only()  # JAX_PLATFORMS=cpu (conftest.py)
+  assert conv.runs_on_cpu_only('cpu') and not conv.runs_on_cpu_only('cuda,cpu')
+  assert isinstance(conv.runs_on_cpu_only(''), bool)  # from the installed plugins
   calls = []
   monkeypatch.setattr(conv, 'keep_freed_memory', lambda: calls.append(1) or True)
-  assert conv.keep_freed_memory_on_cpu() and calls == [1]  # the tests run on the CPU
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert conv.keep_freed_memory_on_cpu() and calls == [1]
+  monkeypatch.setattr(conv, 'runs_on_cpu_only', lambda: False)
   assert not conv.keep_freed_memory_on_cpu() and calls == [1]

@@ -317,6 +317,9 @@ def parse_args(argv):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   names = list(dict.fromkeys(n for w in args.which for n in (ALL if w == 'all' else [w])))
+  if 'train' in names or 'infer' in names:
+    from w2x_jax import conv  # pylint: disable=g-import-not-at-top
+    conv.keep_freed_memory_on_cpu()  # as main.py and the upscale command: before JAX's backend
   rows = []
   for name in names:
     these = BENCHMARKS[name](args)

@@ -395,13 +395,13 @@ def main(argv=None, load_model_fn=None):
   config)` replaces the model loading (tests)."""
   args = parse_args(argv)
   err = _say
+  conv.keep_freed_memory_on_cpu()  # before JAX's backend starts (conv.py)
   try:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            args.distributed)
   except distributed.DistributedError as e:
     err(f'{PROG}: {e}')
     return 2
-  conv.keep_freed_memory_on_cpu()  # XLA:CPU would page-fault every tile's activations afresh
   single = not os.path.isdir(args.input) and not (
       os.path.splitext(args.input)[1].lower() in LIST_SUFFIXES and os.path.isfile(args.input))
   named_output = args.output if single and not (
