@@ -10,7 +10,7 @@
 #     protocol (bicubic downscaling only, Y for the compact model) with worker processes;
 #   upscale: the upscale command on the GPU;
 #   convs: the matmul and Winograd convolutions (CPU routes, also selectable there) against XLA's
-#     on the GPU, values and gradients (session 3 ran STAGES="convs bench").
+#     on the GPU, values and gradients (session 3 ran STAGES="convs bench", session 4 "bench").
 # Needs .gpu/whl (the pure-Python wheels of requirements.txt's flax, optax, orbax-checkpoint and
 # ml_collections; the machine has jax), .gpu/train (../shared/data/train as lossless WebP, to fit
 # the 64 MiB transfer) and .gpu/init (models to fine-tune). Env: PY, DEADLINE_S (seconds after
