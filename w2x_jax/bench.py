@@ -119,10 +119,8 @@ def bench_train(args):
   be well above 1 for the generator never to be the bottleneck.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
   from w2x_jax import train  # pylint: disable=g-import-not-at-top
-  conv.keep_freed_memory_on_cpu()  # as training and the upscale command do
   rows = []
   batch_size = args.train_batch
   for name, dtype in _preset_runs(args):
@@ -185,10 +183,8 @@ def bench_infer(args):
   the tiling's overlap."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import inference  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
-  conv.keep_freed_memory_on_cpu()  # as training and the upscale command do
   rng = np.random.default_rng(0)
   image = rng.uniform(0, 1, (args.infer_size, args.infer_size, 3)).astype(np.float32)
   rows = []

@@ -38,7 +38,7 @@ INTERPOLATIONS = ('none', 'bilinear', 'bicubic')
 LEAKY_SLOPE = 0.1  # waifu2x's LeakyReLU slope
 PRELU_INIT = 0.1  # jiny2001's DCSCN initialises its per-channel PReLU alphas to 0.1
 _INTERP_RADIUS = {'none': 0, 'bilinear': 1, 'bicubic': 2}  # LR pixels each side a skip sample reads
-# DCSCN's final HR conv runs before the pixel shuffle (`ShuffledConv`) with at most this many
+# DCSCN's final HR conv runs before the pixel shuffle (`Conv(shuffle=s)`) with at most this many
 # upsampler filters. Measured on 2 CPU cores at 2x, 8 -> 1 channels: forward 4.6x faster (256x256:
 # 8.8 -> 1.9 ms), forward + backward 2.4-2.8x; 8 -> 3: forward 3.2x, forward + backward at batch 25
 # of 48x48 1.8x. With 32 (the seed's) the s*s-fold multiply-adds made it 1.3-1.7x slower.
@@ -128,23 +128,34 @@ def _kernel_init(activation):
 
 
 class Conv(nn.Module):
-  """The one convolution every layer uses: float32 params, computed in `dtype` by `conv_fn`."""
+  """The one convolution every layer uses: float32 params, computed in `dtype` by `conv_fn`.
+
+  `shuffle` = s > 1: the 3x3 conv of pixel_shuffle(x, s), computed before the shuffle as
+  pixel_shuffle(conv(x, subpixel_kernel)) with the same params (kernel (3, 3, C, O)); s*s times
+  the multiply-adds, but for few channels far faster on CPU than the conv at high resolution
+  (see DCSCN)."""
   features: int
   kernel_size: int = 3
   use_bias: bool = True
   kernel_init: Callable = nn.initializers.lecun_normal()
   dtype: Any = jnp.float32
   conv_fn: Callable = conv2d
+  shuffle: int = 1
 
   @nn.compact
   def __call__(self, x):
-    k = self.kernel_size
-    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    k, s2 = self.kernel_size, self.shuffle * self.shuffle
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1] // s2, self.features),
+                        jnp.float32)
+    if self.shuffle > 1:
+      if k != 3:
+        raise ValueError(f'models.py: Conv(shuffle={self.shuffle}) needs a 3x3 kernel, got {k}x{k}')
+      kernel = subpixel_kernel(kernel, self.shuffle)
     y = self.conv_fn(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+      y = y + jnp.repeat(bias, s2).astype(self.dtype)
+    return pixel_shuffle(y, self.shuffle) if self.shuffle > 1 else y
 
 
 def subpixel_kernel(kernel, scale):
@@ -164,29 +175,6 @@ def subpixel_kernel(kernel, scale):
   c, o = kernel.shape[2:]
   lr = jnp.einsum('YXpqyxab,yxco->YXcpqoab', jnp.asarray(place, kernel.dtype), kernel)
   return lr.reshape(3, 3, c * s * s, o * s * s)
-
-
-class ShuffledConv(nn.Module):
-  """A 3x3 conv of the pixel-shuffled `x`, computed before the shuffle: pixel_shuffle(conv(x,
-  subpixel_kernel)). Same params as `Conv` (kernel (3, 3, C, O)); s*s times the multiply-adds, but
-  for few channels far faster on CPU than the conv at high resolution (see DCSCN)."""
-  features: int
-  scale: int
-  use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  dtype: Any = jnp.float32
-  conv_fn: Callable = conv2d
-
-  @nn.compact
-  def __call__(self, x):
-    s2 = self.scale * self.scale
-    kernel = self.param('kernel', self.kernel_init, (3, 3, x.shape[-1] // s2, self.features),
-                        jnp.float32)
-    y = self.conv_fn(x.astype(self.dtype), subpixel_kernel(kernel, self.scale).astype(self.dtype))
-    if self.use_bias:
-      bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
-      y = y + jnp.repeat(bias, s2).astype(self.dtype)
-    return pixel_shuffle(y, self.scale)
 
 
 class Activation(nn.Module):
@@ -270,8 +258,8 @@ class DCSCN(nn.Module):
       before = self.upsampler_filters <= FINAL_BEFORE_SHUFFLE_MAX
     if before:  # the same maths at low resolution (same params)
       h = act(repeat=self.scale ** 2, name='upsampler_act')(h)
-      h = ShuffledConv(self.channels, self.scale, use_bias=self.final_bias, dtype=self.dtype,
-                       conv_fn=self.conv_fn, name='final')(h)
+      h = Conv(self.channels, 3, use_bias=self.final_bias, dtype=self.dtype, conv_fn=self.conv_fn,
+               shuffle=self.scale, name='final')(h)
     else:
       h = act(name='upsampler_act')(pixel_shuffle(h, self.scale))
       h = Conv(self.channels, 3, use_bias=self.final_bias, dtype=self.dtype, conv_fn=self.conv_fn,
