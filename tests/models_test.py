@@ -266,6 +266,10 @@ def test_conv_fn_routes_every_conv():
     if cfg.name == 'dcscn' and cfg.upsampler_filters <= models.FINAL_BEFORE_SHUFFLE_MAX:
       k = params['final']['kernel'].shape  # run before the shuffle, as its subpixel kernel
       kernels[kernels.index(k)] = k[:2] + (k[2] * 4, k[3] * 4)
+    if cfg.name == 'dcscn':  # recon_a and recon_b1 as one 1x1 conv per feature layer
+      kernels.remove(params['recon_a']['kernel'].shape)
+      kernels.remove(params['recon_b1']['kernel'].shape)
+      kernels += [(1, 1, f, cfg.recon_a + cfg.recon_b1) for f in models.feature_filters(cfg)]
     assert sorted(calls) == sorted(kernels)
 
 
@@ -343,4 +347,30 @@ def test_dcscn_final_conv_before_the_shuffle_is_the_same_model(scale):
                              np.asarray(hr_model.apply({'params': params}, x)), atol=1e-5)
   for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss(model))(params)),
                   jax.tree_util.tree_leaves(jax.grad(loss(hr_model))(params))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4 * float(jnp.abs(h).max()))
+
+
+@pytest.mark.parametrize('conv_name', ['xla', 'auto'])
+def test_dcscn_reconstruction_from_parts_is_the_same_model(conv_name):
+  """recon_a and recon_b1 computed as a sum over the feature layers (no concatenated tensor): the
+  same params (and their fresh init), values and gradients as the 1x1 convs of the concatenation."""
+  cfg = _cfg(dcscn_compact, 2, conv=conv_name)
+  model = models.build_model(cfg)
+  assert model.recon_from_parts
+  concat_model = model.clone(recon_from_parts=False)
+  x = jnp.asarray(np.random.default_rng(0).random((2, 9, 11, 1)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  concat_params = concat_model.init(jax.random.PRNGKey(0), x)['params']
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(concat_params)
+  for p, q in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(concat_params)):
+    np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
+  assert params['recon_a']['kernel'].shape == (1, 1, sum(models.feature_filters(cfg)), cfg.recon_a)
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), 100))
+  params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape), params)
+  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)
+  want = np.asarray(concat_model.apply({'params': params}, x))
+  np.testing.assert_allclose(np.asarray(model.apply({'params': params}, x)), want,
+                             atol=1e-5 * np.abs(want).max())
+  for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss(model))(params)),
+                  jax.tree_util.tree_leaves(jax.grad(loss(concat_model))(params))):
     np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4 * float(jnp.abs(h).max()))

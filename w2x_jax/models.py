@@ -158,6 +158,19 @@ class Conv(nn.Module):
     return pixel_shuffle(y, self.shuffle) if self.shuffle > 1 else y
 
 
+class ConvParams(nn.Module):
+  """A 1x1 Conv's params (kernel (1, 1, in_features, features), bias), returned, not applied."""
+  features: int
+  in_features: int
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param('kernel', self.kernel_init, (1, 1, self.in_features, self.features),
+                        jnp.float32)
+    return kernel, self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+
+
 def subpixel_kernel(kernel, scale):
   """The low-resolution 3x3 kernel (3, 3, C*s*s, O*s*s) of a high-resolution 3x3 kernel (3, 3, C, O)
   for inputs in pixel-shuffle order: pixel_shuffle(conv(x, K)) == conv(pixel_shuffle(x), kernel),
@@ -237,6 +250,24 @@ class DCSCN(nn.Module):
   dtype: Any = jnp.float32
   conv_fn: Callable = conv2d
   final_before_shuffle: Any = None  # None: where upsampler_filters <= FINAL_BEFORE_SHUFFLE_MAX
+  recon_from_parts: bool = True  # False: the 1x1 convs of the concatenated features (same maths)
+
+  def _recon_1x1(self, features):
+    """recon_a and recon_b1 (1x1 convs of the concatenated features) as one sum over the feature
+    layers of each layer's outputs times its rows of both kernels: the concatenated tensor is never
+    written. Measured on 2 CPU cores, the compact model (131 channels): 256x256 forward 10% faster
+    (57 -> 51 ms), train step 3-6%; the seed DCSCN (1281 channels) the same within noise."""
+    total = sum(f.shape[-1] for f in features)
+    a_kernel, a_bias = ConvParams(self.recon_a, total, _kernel_init(self.activation), name='recon_a')()
+    b_kernel, b_bias = ConvParams(self.recon_b1, total, _kernel_init(self.activation), name='recon_b1')()
+    kernel = jnp.concatenate([a_kernel, b_kernel], axis=-1).astype(self.dtype)
+    r, start = 0, 0
+    for f in features:
+      c = f.shape[-1]
+      r = r + self.conv_fn(f.astype(self.dtype), kernel[:, :, start:start + c])
+      start += c
+    r = r + jnp.concatenate([a_bias, b_bias]).astype(self.dtype)
+    return r[..., :self.recon_a], r[..., self.recon_a:]
 
   @nn.compact
   def __call__(self, x):
@@ -247,9 +278,14 @@ class DCSCN(nn.Module):
     for i, f in enumerate(self.filters):
       h = act(name=f'feature_{i}_act')(conv(f, 3, name=f'feature_{i}')(h))
       features.append(h)
-    h = jnp.concatenate(features, axis=-1)
-    a = act(name='recon_a_act')(conv(self.recon_a, 1, name='recon_a')(h))
-    b = act(name='recon_b1_act')(conv(self.recon_b1, 1, name='recon_b1')(h))
+    if self.recon_from_parts:
+      a, b = self._recon_1x1(features)
+    else:
+      h = jnp.concatenate(features, axis=-1)
+      a = conv(self.recon_a, 1, name='recon_a')(h)
+      b = conv(self.recon_b1, 1, name='recon_b1')(h)
+    a = act(name='recon_a_act')(a)
+    b = act(name='recon_b1_act')(b)
     b = act(name='recon_b2_act')(conv(self.recon_b2, 3, name='recon_b2')(b))
     h = jnp.concatenate([a, b], axis=-1)
     h = conv(self.upsampler_filters * self.scale ** 2, 3, name='upsampler')(h)
