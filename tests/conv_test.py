@@ -31,6 +31,14 @@ def kernel_grad_path(request, monkeypatch):
   return request.param
 
 
+@pytest.fixture(params=['winograd_forward', 'xla_forward'])
+def winograd_forward(request, monkeypatch):
+  """Runs a Winograd test with its forward pass computed both ways (chosen per channel count)."""
+  monkeypatch.setattr(conv, 'WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT',
+                      0 if request.param == 'winograd_forward' else 10 ** 9)
+  return request.param
+
+
 def _reference(x, kernel):
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -65,9 +73,11 @@ SHAPES = [
 
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('x_shape,k_shape', SHAPES)
-def test_values_and_grads_match_lax(impl, x_shape, k_shape, kernel_grad_path):
+def test_values_and_grads_match_lax(impl, x_shape, k_shape, kernel_grad_path, winograd_forward):
   if impl != 'matmul' and kernel_grad_path != 'xla_dk':
     pytest.skip('the route only concerns the matmul conv')
+  if impl != 'winograd' and winograd_forward != 'winograd_forward':
+    pytest.skip('the route only concerns the Winograd conv')
   fn = conv.get_conv_fn(impl)
   x, kernel, cot = _data(x_shape, k_shape)
   want = _value_and_grads(_reference, x, kernel, cot)
@@ -80,7 +90,7 @@ def test_values_and_grads_match_lax(impl, x_shape, k_shape, kernel_grad_path):
 
 @pytest.mark.parametrize('x_shape', [(1, 1, 1, 3), (2, 4, 4, 3), (1, 8, 12, 3), (1, 11, 3, 3),
                                      (1, 17, 14, 3)])
-def test_winograd_tiles_any_size(x_shape):
+def test_winograd_tiles_any_size(x_shape, winograd_forward):
   """Images smaller than, equal to, and between multiples of the 4x4 output tile (the padding
   of the last tiles must not leak into the output or the gradients)."""
   x, kernel, cot = _data(x_shape, (3, 3, 3, 5), seed=8)
@@ -161,6 +171,17 @@ def test_kernel_grad_route_by_channels():
   assert not conv._xla_kernel_grad_is_faster(62, 55)  # pylint: disable=protected-access
   assert not conv._xla_kernel_grad_is_faster(152, 134)  # pylint: disable=protected-access
   assert not conv._xla_kernel_grad_is_faster(32, 3)  # pylint: disable=protected-access
+
+
+def test_winograd_forward_route_by_channels(monkeypatch):
+  """The forward pass: Winograd's with many channels, XLA's below; the backward pass Winograd's."""
+  calls = []
+  winograd_forward = conv._winograd_forward
+  monkeypatch.setattr(conv, '_winograd_forward', lambda x, k: calls.append(k.shape) or winograd_forward(x, k))
+  for cin, cout in ((128, 96), (32, 32), (128, 32)):
+    x, kernel, cot = _data((1, 4, 4, cin), (3, 3, cin, cout))
+    jax.vjp(conv.conv2d_winograd, x, kernel)[1](cot)
+  assert calls == [(3, 3, 128, 96)]
 
 
 def test_winograd_rejects_mixed_dtypes():
@@ -257,7 +278,8 @@ def test_measure_matmul_gflops():
 def test_seed_dcscn_runs_its_wide_layers_as_winograd_on_cpu(monkeypatch):
   """configs/dcscn.py with model.conv='auto' on CPU: the 3x3 layers with >= 32 channels in and out
   (11 feature layers, reconstruction B's conv3x3, the upsampler) go through Winograd; the first
-  layer (3 channels in), the final HR conv (3 out) and the 1x1 convs through the matmul conv."""
+  layer (3 channels in), the final HR conv (3 out) and the 1x1 convs (reconstruction A and B's
+  first conv, one per feature layer) through the matmul conv."""
   from configs import dcscn  # pylint: disable=g-import-not-at-top
   calls = []
   winograd, matmul = conv.conv2d_winograd, conv.conv2d_matmul_vjp
@@ -266,7 +288,7 @@ def test_seed_dcscn_runs_its_wide_layers_as_winograd_on_cpu(monkeypatch):
   cfg = dcscn.get_config('scale=2').model
   model = models.build_model(cfg, conv_fn=conv.get_conv_fn('auto', backend='cpu'))
   jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-  assert calls.count('winograd') == 13 and calls.count('matmul') == 4, calls
+  assert calls.count('winograd') == 13 and calls.count('matmul') == 2 + 12, calls
 
 
 def test_keep_freed_memory_on_cpu_only(monkeypatch):

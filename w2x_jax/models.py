@@ -250,13 +250,15 @@ class DCSCN(nn.Module):
   dtype: Any = jnp.float32
   conv_fn: Callable = conv2d
   final_before_shuffle: Any = None  # None: where upsampler_filters <= FINAL_BEFORE_SHUFFLE_MAX
-  recon_from_parts: bool = True  # False: the 1x1 convs of the concatenated features (same maths)
+  # False: the 1x1 convs of the concatenated features (same maths); build_model: on CPU only.
+  recon_from_parts: bool = True
 
   def _recon_1x1(self, features):
     """recon_a and recon_b1 (1x1 convs of the concatenated features) as one sum over the feature
     layers of each layer's outputs times its rows of both kernels: the concatenated tensor is never
     written. Measured on 2 CPU cores, the compact model (131 channels): 256x256 forward 10% faster
-    (57 -> 51 ms), train step 3-6%; the seed DCSCN (1281 channels) the same within noise."""
+    (57 -> 51 ms), train step 3-6%; the seed DCSCN (1281 channels) the same within noise. Not
+    measured on a GPU, so build_model keeps the concatenation there."""
     total = sum(f.shape[-1] for f in features)
     a_kernel, a_bias = ConvParams(self.recon_a, total, _kernel_init(self.activation), name='recon_a')()
     b_kernel, b_bias = ConvParams(self.recon_b1, total, _kernel_init(self.activation), name='recon_b1')()
@@ -375,7 +377,7 @@ def build_model(model_cfg, conv_fn=None):
                  recon_b1=model_cfg.recon_b1, recon_b2=model_cfg.recon_b2,
                  upsampler_filters=model_cfg.upsampler_filters, final_bias=model_cfg.final_bias,
                  activation=model_cfg.activation, skip_interpolation=model_cfg.skip_interpolation,
-                 dtype=dtype, conv_fn=conv_fn)
+                 dtype=dtype, conv_fn=conv_fn, recon_from_parts=jax.default_backend() == 'cpu')
   _check_choice('selection_activation', model_cfg.selection_activation, SELECTION_ACTIVATIONS)
   _check_choice('skip_interpolation', model_cfg.skip_interpolation, INTERPOLATIONS)
   return ESPCNSU(scale=model_cfg.scale, channels=model_cfg.channels,
