@@ -33,7 +33,8 @@ def kernel_grad_path(request, monkeypatch):
 
 @pytest.fixture(params=['winograd_forward', 'xla_forward'])
 def winograd_forward(request, monkeypatch):
-  """Runs a Winograd test with its forward pass computed both ways (chosen per channel count)."""
+  """Runs a Winograd test with its inference forward pass computed both ways (chosen per channel
+  count)."""
   monkeypatch.setattr(conv, 'WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT',
                       0 if request.param == 'winograd_forward' else 10 ** 9)
   return request.param
@@ -73,11 +74,9 @@ SHAPES = [
 
 @pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('x_shape,k_shape', SHAPES)
-def test_values_and_grads_match_lax(impl, x_shape, k_shape, kernel_grad_path, monkeypatch):
+def test_values_and_grads_match_lax(impl, x_shape, k_shape, kernel_grad_path):
   if impl != 'matmul' and kernel_grad_path != 'xla_dk':
     pytest.skip('the route only concerns the matmul conv')
-  # These few channels would take XLA's forward pass: test Winograd's (tiles_any_size does both).
-  monkeypatch.setattr(conv, 'WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT', 0)
   fn = conv.get_conv_fn(impl)
   x, kernel, cot = _data(x_shape, k_shape)
   want = _value_and_grads(_reference, x, kernel, cot)
@@ -96,7 +95,8 @@ def test_winograd_tiles_any_size(x_shape, winograd_forward):
   x, kernel, cot = _data(x_shape, (3, 3, 3, 5), seed=8)
   want = _value_and_grads(_reference, x, kernel, cot)
   got = jax.jit(lambda x, k, c: _value_and_grads(conv.conv2d_winograd, x, k, c))(x, kernel, cot)
-  for name, g, w in zip(('y', 'dx', 'dkernel'), got, want):
+  got += (jax.jit(conv.conv2d_winograd)(x, kernel),)  # inference: no gradient
+  for name, g, w in zip(('y', 'dx', 'dkernel', 'y without gradient'), got, want + want[:1]):
     rtol, atol = _tolerances('winograd', w)
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol, err_msg=name)
 
@@ -174,14 +174,18 @@ def test_kernel_grad_route_by_channels():
 
 
 def test_winograd_forward_route_by_channels(monkeypatch):
-  """The forward pass: Winograd's with many channels, XLA's below; the backward pass Winograd's."""
+  """Inference runs Winograd's forward pass with many channels and XLA's below; training (under
+  a gradient) always Winograd's."""
   calls = []
-  winograd_forward = conv._winograd_forward
+  winograd_forward = conv._winograd_forward  # pylint: disable=protected-access
   monkeypatch.setattr(conv, '_winograd_forward', lambda x, k: calls.append(k.shape) or winograd_forward(x, k))
   for cin, cout in ((128, 96), (32, 32), (128, 32)):
     x, kernel, cot = _data((1, 4, 4, cin), (3, 3, cin, cout))
-    jax.vjp(conv.conv2d_winograd, x, kernel)[1](cot)
+    conv.conv2d_winograd(x, kernel)
   assert calls == [(3, 3, 128, 96)]
+  calls.clear()
+  jax.vjp(conv.conv2d_winograd, x, kernel)[1](cot)
+  assert calls == [(3, 3, 128, 32)]
 
 
 def test_winograd_rejects_mixed_dtypes():
@@ -278,8 +282,7 @@ def test_measure_matmul_gflops():
 def test_seed_dcscn_runs_its_wide_layers_as_winograd_on_cpu(monkeypatch):
   """configs/dcscn.py with model.conv='auto' on CPU: the 3x3 layers with >= 32 channels in and out
   (11 feature layers, reconstruction B's conv3x3, the upsampler) go through Winograd; the first
-  layer (3 channels in), the final HR conv (3 out) and the 1x1 convs (reconstruction A and B's
-  first conv, one per feature layer) through the matmul conv."""
+  layer (3 channels in), the final HR conv (3 out) and the 1x1 convs through the matmul conv."""
   from configs import dcscn  # pylint: disable=g-import-not-at-top
   calls = []
   winograd, matmul = conv.conv2d_winograd, conv.conv2d_matmul_vjp
@@ -288,7 +291,7 @@ def test_seed_dcscn_runs_its_wide_layers_as_winograd_on_cpu(monkeypatch):
   cfg = dcscn.get_config('scale=2').model
   model = models.build_model(cfg, conv_fn=conv.get_conv_fn('auto', backend='cpu'))
   jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-  assert calls.count('winograd') == 13 and calls.count('matmul') == 2 + 12, calls
+  assert calls.count('winograd') == 13 and calls.count('matmul') == 4, calls
 
 
 def test_keep_freed_memory_on_cpu_only(monkeypatch):

@@ -266,7 +266,7 @@ def test_conv_fn_routes_every_conv():
     if cfg.name == 'dcscn' and cfg.upsampler_filters <= models.FINAL_BEFORE_SHUFFLE_MAX:
       k = params['final']['kernel'].shape  # run before the shuffle, as its subpixel kernel
       kernels[kernels.index(k)] = k[:2] + (k[2] * 4, k[3] * 4)
-    if cfg.name == 'dcscn':  # recon_a and recon_b1 as one 1x1 conv per feature layer
+    if cfg.name == 'dcscn' and model.recon_from_parts:  # one 1x1 conv per feature layer
       kernels.remove(params['recon_a']['kernel'].shape)
       kernels.remove(params['recon_b1']['kernel'].shape)
       kernels += [(1, 1, f, cfg.recon_a + cfg.recon_b1) for f in models.feature_filters(cfg)]
@@ -356,7 +356,9 @@ def test_dcscn_reconstruction_from_parts_is_the_same_model(conv_name):
   same params (and their fresh init), values and gradients as the 1x1 convs of the concatenation."""
   cfg = _cfg(dcscn_compact, 2, conv=conv_name)
   model = models.build_model(cfg)
-  assert model.recon_from_parts
+  assert model.recon_from_parts  # 131 channels, on CPU
+  assert not models.recon_from_parts(models.feature_filters(_cfg(dcscn)))  # the seed's 1281
+  assert not models.recon_from_parts(models.feature_filters(cfg), backend='gpu')
   concat_model = model.clone(recon_from_parts=False)
   x = jnp.asarray(np.random.default_rng(0).random((2, 9, 11, 1)), jnp.float32)
   params = model.init(jax.random.PRNGKey(0), x)['params']

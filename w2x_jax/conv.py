@@ -14,8 +14,9 @@
   - 1x1 kernels are plain matmuls both ways;
 - 'winograd': 3x3 kernels by Winograd F(4x4, 3x3) (a quarter of the multiply-adds, as 36 batched
   matmuls between linear tile transforms): the backward pass always works in the transformed
-  domain, the forward pass only with many channels (`WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT`;
-  XLA's forward is faster below); other kernels as 'matmul';
+  domain, the forward pass too in training, but in inference only with many channels
+  (`WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT`; XLA's forward is faster below); other kernels as
+  'matmul';
 - 'auto': on CPU, per layer, 'winograd' where it was measured faster (`winograd_is_faster`: float32
   3x3 with >= 32 channels in and out) and 'matmul' elsewhere; 'xla' on GPU/TPU (their convolution
   gradients are already fast).
@@ -327,28 +328,27 @@ def _winograd_forward(x, kernel):
   return _wino_output(_bmm(_wino_input(x, th, tw), _wino_kernel(kernel)), n, th, tw, h, w)
 
 
-# The forward pass is Winograd's only with at least this many input x output channels; below,
-# XLA's own convolution: forward-only 256x256 here (jaxlib 0.12), XLA / Winograd: 32 -> 32 7.0 /
-# 12.0 ms, 128 -> 32 28 / 49, 55 -> 48 18 / 24, 80 -> 70 40 / 48, 64 -> 128 53 / 55; above it
-# Winograd: 103 -> 91 80 / 74, 134 -> 118 107 / 92, 128 -> 128 97 / 76, 196 -> 172 212 / 154.
+# Inference (no gradient) runs Winograd's forward pass only with at least this many input x output
+# channels; below, XLA's own convolution. Forward-only on a 256x256 image here (jaxlib 0.12), XLA /
+# Winograd: 32 -> 32 7.0 / 12.0 ms, 128 -> 32 28 / 49, 55 -> 48 18 / 24, 80 -> 70 40 / 48,
+# 64 -> 128 53 / 55; above it Winograd: 103 -> 91 80 / 74, 134 -> 118 107 / 92, 128 -> 128 97 / 76,
+# 196 -> 172 212 / 154. Training keeps Winograd's: on its batches of 48x48 patches the two
+# forwards took the same time, and the seed DCSCN's step was no faster (best steps 2.9-3.0 s
+# against 2.5).
 WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT = 96 * 96
-
-
-def _forward(x, kernel):
-  if kernel.shape[2] * kernel.shape[3] < WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT:
-    return conv2d_xla(x, kernel)
-  return _winograd_forward(x, kernel)
 
 
 @jax.custom_vjp
 def _conv_winograd(x, kernel):
   """float32 only (`conv2d_winograd` casts): the transforms' factors would not fit a narrower type.
-  The backward pass is always Winograd's; the forward pass only with many channels (`_forward`)."""
-  return _forward(x, kernel)
+  Without a gradient (inference), XLA's forward where faster (WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT)."""
+  if kernel.shape[2] * kernel.shape[3] < WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT:
+    return conv2d_xla(x, kernel)
+  return _winograd_forward(x, kernel)
 
 
 def _wino_fwd(x, kernel):
-  return _forward(x, kernel), (x, kernel)
+  return _winograd_forward(x, kernel), (x, kernel)
 
 
 def _wino_bwd(res, dy):
@@ -369,8 +369,8 @@ _conv_winograd.defvjp(_wino_fwd, _wino_bwd)
 
 def conv2d_winograd(x, kernel):
   """Same values as `conv2d_xla` up to float rounding (relative error ~1e-5 in float32, as the
-  transforms scale by up to 8 and 1/24): 3x3 kernels by Winograd F(4x4, 3x3) (the forward pass
-  only with many channels, see `_forward`), 1x1 as matmuls; other kernel sizes fall back to `conv2d_matmul_vjp`. Narrower dtypes (bfloat16) are
+  transforms scale by up to 8 and 1/24): 3x3 kernels by Winograd F(4x4, 3x3) (inference's
+  forward pass only with many channels, see `_conv_winograd`), 1x1 as matmuls; other kernel sizes fall back to `conv2d_matmul_vjp`. Narrower dtypes (bfloat16) are
   computed in float32 and rounded back: their 8-bit mantissa would lose ~10% through the
   transforms (measured), so there Winograd saves nothing (`winograd_is_faster` says no)."""
   _check(x, kernel)

@@ -250,15 +250,14 @@ class DCSCN(nn.Module):
   dtype: Any = jnp.float32
   conv_fn: Callable = conv2d
   final_before_shuffle: Any = None  # None: where upsampler_filters <= FINAL_BEFORE_SHUFFLE_MAX
-  # False: the 1x1 convs of the concatenated features (same maths); build_model: on CPU only.
-  recon_from_parts: bool = True
+  # True: the reconstruction's 1x1 convs per feature layer (same maths; build_model decides by
+  # `recon_from_parts`); False: of the concatenated features.
+  recon_from_parts: bool = False
 
   def _recon_1x1(self, features):
     """recon_a and recon_b1 (1x1 convs of the concatenated features) as one sum over the feature
     layers of each layer's outputs times its rows of both kernels: the concatenated tensor is never
-    written. Measured on 2 CPU cores, the compact model (131 channels): 256x256 forward 10% faster
-    (57 -> 51 ms), train step 3-6%; the seed DCSCN (1281 channels) the same within noise. Not
-    measured on a GPU, so build_model keeps the concatenation there."""
+    written (see `recon_from_parts` for where it is faster)."""
     total = sum(f.shape[-1] for f in features)
     a_kernel, a_bias = ConvParams(self.recon_a, total, _kernel_init(self.activation), name='recon_a')()
     b_kernel, b_bias = ConvParams(self.recon_b1, total, _kernel_init(self.activation), name='recon_b1')()
@@ -358,6 +357,21 @@ def _check_choice(field, value, allowed):
     raise ValueError(f'models.py: model.{field}={value!r} must be one of {list(allowed)}')
 
 
+# DCSCN's reconstruction from the feature layers' parts (DCSCN._recon_1x1) up to this many
+# concatenated channels, on CPU. Measured on 2 cores, each variant in its own process (best of
+# 3): the compact model (131 channels) 256x256 forward 59 -> 56 ms (49 with its upsampler's forward
+# by XLA, conv.WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT), its train step the same within noise
+# (0.24-0.27 s); the seed DCSCN (1281) forward the same, but its train step slower (median 3.8 s
+# against 2.8-3.1). Not measured on a GPU.
+RECON_FROM_PARTS_MAX_CHANNELS = 256
+
+
+def recon_from_parts(filters, backend=None):
+  """Whether DCSCN computes its reconstruction's 1x1 convs per feature layer (see above)."""
+  return (sum(filters) <= RECON_FROM_PARTS_MAX_CHANNELS
+          and (backend or jax.default_backend()) == 'cpu')
+
+
 def build_model(model_cfg, conv_fn=None):
   """The Linen module that `model_cfg` describes; `conv_fn(x, kernel)` does every convolution
   (default: the one `model_cfg.conv` names, 'auto' where absent; see conv.py)."""
@@ -372,12 +386,13 @@ def build_model(model_cfg, conv_fn=None):
   dtype = jnp.dtype(model_cfg.get('dtype', 'float32'))
   if model_cfg.name == 'dcscn':
     _check_choice('skip_interpolation', model_cfg.skip_interpolation, ('bilinear', 'bicubic'))
-    return DCSCN(scale=model_cfg.scale, channels=model_cfg.channels,
-                 filters=tuple(feature_filters(model_cfg)), recon_a=model_cfg.recon_a,
+    filters = tuple(feature_filters(model_cfg))
+    return DCSCN(scale=model_cfg.scale, channels=model_cfg.channels, filters=filters,
+                 recon_a=model_cfg.recon_a,
                  recon_b1=model_cfg.recon_b1, recon_b2=model_cfg.recon_b2,
                  upsampler_filters=model_cfg.upsampler_filters, final_bias=model_cfg.final_bias,
                  activation=model_cfg.activation, skip_interpolation=model_cfg.skip_interpolation,
-                 dtype=dtype, conv_fn=conv_fn, recon_from_parts=jax.default_backend() == 'cpu')
+                 dtype=dtype, conv_fn=conv_fn, recon_from_parts=recon_from_parts(filters))
   _check_choice('selection_activation', model_cfg.selection_activation, SELECTION_ACTIVATIONS)
   _check_choice('skip_interpolation', model_cfg.skip_interpolation, INTERPOLATIONS)
   return ESPCNSU(scale=model_cfg.scale, channels=model_cfg.channels,
