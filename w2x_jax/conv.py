@@ -333,8 +333,8 @@ def _winograd_forward(x, kernel):
 # Winograd: 32 -> 32 7.0 / 12.0 ms, 128 -> 32 28 / 49, 55 -> 48 18 / 24, 80 -> 70 40 / 48,
 # 64 -> 128 53 / 55; above it Winograd: 103 -> 91 80 / 74, 134 -> 118 107 / 92, 128 -> 128 97 / 76,
 # 196 -> 172 212 / 154. Training keeps Winograd's: on its batches of 48x48 patches the two
-# forwards took the same time, and the seed DCSCN's step was no faster (best steps 2.9-3.0 s
-# against 2.5).
+# forwards took the same time, and the seed DCSCN's step was slower with XLA's (best steps
+# 2.9-3.0 s against 2.5).
 WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT = 96 * 96
 
 
@@ -370,9 +370,10 @@ _conv_winograd.defvjp(_wino_fwd, _wino_bwd)
 def conv2d_winograd(x, kernel):
   """Same values as `conv2d_xla` up to float rounding (relative error ~1e-5 in float32, as the
   transforms scale by up to 8 and 1/24): 3x3 kernels by Winograd F(4x4, 3x3) (inference's
-  forward pass only with many channels, see `_conv_winograd`), 1x1 as matmuls; other kernel sizes fall back to `conv2d_matmul_vjp`. Narrower dtypes (bfloat16) are
-  computed in float32 and rounded back: their 8-bit mantissa would lose ~10% through the
-  transforms (measured), so there Winograd saves nothing (`winograd_is_faster` says no)."""
+  forward pass only with many channels, see `_conv_winograd`), 1x1 as matmuls; other kernel
+  sizes fall back to `conv2d_matmul_vjp`. Narrower dtypes (bfloat16) are computed in float32
+  and rounded back: their 8-bit mantissa would lose ~10% through the transforms (measured), so
+  there Winograd saves nothing (`winograd_is_faster` says no)."""
   _check(x, kernel)
   if x.dtype != kernel.dtype:
     raise TypeError(f'conv.py: x and kernel must have one dtype, got {x.dtype} and {kernel.dtype}')

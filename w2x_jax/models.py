@@ -258,9 +258,9 @@ class DCSCN(nn.Module):
     """recon_a and recon_b1 (1x1 convs of the concatenated features) as one sum over the feature
     layers of each layer's outputs times its rows of both kernels: the concatenated tensor is never
     written (see `recon_from_parts` for where it is faster)."""
-    total = sum(f.shape[-1] for f in features)
-    a_kernel, a_bias = ConvParams(self.recon_a, total, _kernel_init(self.activation), name='recon_a')()
-    b_kernel, b_bias = ConvParams(self.recon_b1, total, _kernel_init(self.activation), name='recon_b1')()
+    total, init = sum(f.shape[-1] for f in features), _kernel_init(self.activation)
+    a_kernel, a_bias = ConvParams(self.recon_a, total, init, name='recon_a')()
+    b_kernel, b_bias = ConvParams(self.recon_b1, total, init, name='recon_b1')()
     kernel = jnp.concatenate([a_kernel, b_kernel], axis=-1).astype(self.dtype)
     r, start = 0, 0
     for f in features:
@@ -388,8 +388,7 @@ def build_model(model_cfg, conv_fn=None):
     _check_choice('skip_interpolation', model_cfg.skip_interpolation, ('bilinear', 'bicubic'))
     filters = tuple(feature_filters(model_cfg))
     return DCSCN(scale=model_cfg.scale, channels=model_cfg.channels, filters=filters,
-                 recon_a=model_cfg.recon_a,
-                 recon_b1=model_cfg.recon_b1, recon_b2=model_cfg.recon_b2,
+                 recon_a=model_cfg.recon_a, recon_b1=model_cfg.recon_b1, recon_b2=model_cfg.recon_b2,
                  upsampler_filters=model_cfg.upsampler_filters, final_bias=model_cfg.final_bias,
                  activation=model_cfg.activation, skip_interpolation=model_cfg.skip_interpolation,
                  dtype=dtype, conv_fn=conv_fn, recon_from_parts=recon_from_parts(filters))
