@@ -166,11 +166,13 @@ def test_data_parallel_sharding(impl, kernel_grad_path):
 
 
 def test_kernel_grad_route_by_channels():
-  assert conv._xla_kernel_grad_is_faster(32, 26)  # pylint: disable=protected-access
-  assert conv._xla_kernel_grad_is_faster(64, 64)  # pylint: disable=protected-access
-  assert not conv._xla_kernel_grad_is_faster(62, 55)  # pylint: disable=protected-access
-  assert not conv._xla_kernel_grad_is_faster(152, 134)  # pylint: disable=protected-access
-  assert not conv._xla_kernel_grad_is_faster(32, 3)  # pylint: disable=protected-access
+  xla_is_faster = conv._xla_kernel_grad_is_faster  # pylint: disable=protected-access
+  for cin, cout in [(8, 8), (14, 11), (18, 14), (16, 32), (8, 64), (64, 64)]:
+    assert xla_is_faster(cin, cout), (cin, cout)
+  # the compact DCSCN's wider layers, the seed DCSCN's first, an HR conv, wide layers
+  for cin, cout in [(32, 26), (26, 22), (22, 18), (3, 196), (32, 3), (62, 55), (152, 134),
+                    (256, 128)]:
+    assert not xla_is_faster(cin, cout), (cin, cout)
 
 
 def test_winograd_forward_route_by_channels(monkeypatch):

@@ -150,13 +150,16 @@ def _fwd(x, kernel):
 
 
 def _xla_kernel_grad_is_faster(cin, cout):
-  """Where XLA:CPU's own kernel gradient beat `_kernel_grad` here (batch 20-25 of 48x48): few
-  channels (cin * cout <= 1024, but not a handful of outputs such as the HR conv's 1 or 3), or up
-  to 64 x 64 channels in multiples of 16. Elsewhere it ran 1.3x (62 -> 55) to 4x (256 -> 128)
-  slower."""
+  """Where XLA:CPU's own kernel gradient beat `_kernel_grad` here (batch 25 of 48x48, jaxlib 0.12,
+  each shape timed alternately with the other route in one process): a handful of channels
+  (cin * cout <= 256: 8 -> 8 3.0 against 3.6 ms, 14 -> 11 and 18 -> 14 even), or outputs in
+  multiples of 16 from at least 8 inputs up to 64 x 64 (8 -> 64 8.1 against 14.7 ms, 16 -> 32 6.6
+  against 10.8). Elsewhere `_kernel_grad` was faster: 32 -> 26 17 against 34 ms, 26 -> 22 and
+  22 -> 18 1.3-1.5x, 3 -> 196 (the seed DCSCN's first layer) 23 against 47; a handful of outputs
+  (the HR conv's 1 or 3); and from 62 -> 55 (1.3x) to 256 -> 128 (4x)."""
   if cout < 8:
     return False
-  return cin * cout <= 1024 or (cin % 16 == 0 and cout % 16 == 0 and cin * cout <= 64 * 64)
+  return cin * cout <= 256 or (cin >= 8 and cout % 16 == 0 and cin * cout <= 64 * 64)
 
 
 def _bwd(res, dy):
