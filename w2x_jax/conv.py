@@ -9,8 +9,8 @@
   - dkernel is 3 matmuls over every pixel, one per kernel row: the row patches (3 taps along W)
     of whichever of x and dy has fewer channels, times the other shifted by one row, so it writes
     3x the smaller tensor instead of a 9x im2col (measured 1.2-1.3x faster than the full im2col
-    for 60-150 channels); with few channels (see `_xla_kernel_grad_is_faster`) XLA's own kernel
-    gradient was faster and is kept;
+    for 60-150 channels); with a handful of channels, or outputs in multiples of 16 (see
+    `_xla_kernel_grad_is_faster`), XLA's own kernel gradient was faster and is kept;
   - 1x1 kernels are plain matmuls both ways;
 - 'winograd': 3x3 kernels by Winograd F(4x4, 3x3) (a quarter of the multiply-adds, as 36 batched
   matmuls between linear tile transforms): the backward pass always works in the transformed
