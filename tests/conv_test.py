@@ -179,8 +179,9 @@ def test_winograd_forward_route_by_channels(monkeypatch):
   """Inference runs Winograd's forward pass with many channels and XLA's below; training (under
   a gradient) always Winograd's."""
   calls = []
-  winograd_forward = conv._winograd_forward  # pylint: disable=protected-access
-  monkeypatch.setattr(conv, '_winograd_forward', lambda x, k: calls.append(k.shape) or winograd_forward(x, k))
+  real_forward = conv._winograd_forward  # pylint: disable=protected-access
+  monkeypatch.setattr(conv, '_winograd_forward',
+                      lambda x, k: calls.append(k.shape) or real_forward(x, k))
   for cin, cout in ((128, 96), (32, 32), (128, 32)):
     x, kernel, cot = _data((1, 4, 4, cin), (3, 3, cin, cout))
     conv.conv2d_winograd(x, kernel)

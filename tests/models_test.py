@@ -327,6 +327,22 @@ def test_subpixel_kernel_equals_conv_after_shuffle(scale):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
+def _assert_same_values_and_grads(model, other, params, x, value_atol):
+  """Two variants of one model give the same values and gradients at perturbed `params`
+  (`value_atol` None: 1e-5 of the largest output)."""
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), 100))
+  params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape),
+                                  params)
+  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)
+  want = np.asarray(other.apply({'params': params}, x))
+  atol = 1e-5 * np.abs(want).max() if value_atol is None else value_atol
+  np.testing.assert_allclose(np.asarray(model.apply({'params': params}, x)), want, atol=atol)
+  for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss(model))(params)),
+                  jax.tree_util.tree_leaves(jax.grad(loss(other))(params))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(h).max()))
+
+
 @pytest.mark.parametrize('scale', [2, 3])
 def test_dcscn_final_conv_before_the_shuffle_is_the_same_model(scale):
   """Few upsampler filters (the compact model's 8): the HR conv runs before the shuffle, with the
@@ -340,14 +356,7 @@ def test_dcscn_final_conv_before_the_shuffle_is_the_same_model(scale):
   assert (jax.tree_util.tree_map(jnp.shape, params)
           == jax.tree_util.tree_map(jnp.shape, hr_model.init(jax.random.PRNGKey(0), x)['params']))
   assert params['upsampler_act']['alpha'].shape == (8,) and params['final']['kernel'].shape == (3, 3, 8, 1)
-  keys = iter(jax.random.split(jax.random.PRNGKey(1), 100))
-  params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape), params)
-  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)
-  np.testing.assert_allclose(np.asarray(model.apply({'params': params}, x)),
-                             np.asarray(hr_model.apply({'params': params}, x)), atol=1e-5)
-  for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss(model))(params)),
-                  jax.tree_util.tree_leaves(jax.grad(loss(hr_model))(params))):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4 * float(jnp.abs(h).max()))
+  _assert_same_values_and_grads(model, hr_model, params, x, value_atol=1e-5)
 
 
 @pytest.mark.parametrize('conv_name', ['xla', 'auto'])
@@ -367,12 +376,4 @@ def test_dcscn_reconstruction_from_parts_is_the_same_model(conv_name):
   for p, q in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(concat_params)):
     np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
   assert params['recon_a']['kernel'].shape == (1, 1, sum(models.feature_filters(cfg)), cfg.recon_a)
-  keys = iter(jax.random.split(jax.random.PRNGKey(1), 100))
-  params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape), params)
-  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)
-  want = np.asarray(concat_model.apply({'params': params}, x))
-  np.testing.assert_allclose(np.asarray(model.apply({'params': params}, x)), want,
-                             atol=1e-5 * np.abs(want).max())
-  for g, h in zip(jax.tree_util.tree_leaves(jax.grad(loss(model))(params)),
-                  jax.tree_util.tree_leaves(jax.grad(loss(concat_model))(params))):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4 * float(jnp.abs(h).max()))
+  _assert_same_values_and_grads(model, concat_model, params, x, value_atol=None)

@@ -344,7 +344,8 @@ WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT = 96 * 96
 @jax.custom_vjp
 def _conv_winograd(x, kernel):
   """float32 only (`conv2d_winograd` casts): the transforms' factors would not fit a narrower type.
-  Without a gradient (inference), XLA's forward where faster (WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT)."""
+  Without a gradient (inference), XLA's forward where faster
+  (`WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT`)."""
   if kernel.shape[2] * kernel.shape[3] < WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT:
     return conv2d_xla(x, kernel)
   return _winograd_forward(x, kernel)

@@ -388,7 +388,8 @@ def build_model(model_cfg, conv_fn=None):
     _check_choice('skip_interpolation', model_cfg.skip_interpolation, ('bilinear', 'bicubic'))
     filters = tuple(feature_filters(model_cfg))
     return DCSCN(scale=model_cfg.scale, channels=model_cfg.channels, filters=filters,
-                 recon_a=model_cfg.recon_a, recon_b1=model_cfg.recon_b1, recon_b2=model_cfg.recon_b2,
+                 recon_a=model_cfg.recon_a, recon_b1=model_cfg.recon_b1,
+                 recon_b2=model_cfg.recon_b2,
                  upsampler_filters=model_cfg.upsampler_filters, final_bias=model_cfg.final_bias,
                  activation=model_cfg.activation, skip_interpolation=model_cfg.skip_interpolation,
                  dtype=dtype, conv_fn=conv_fn, recon_from_parts=recon_from_parts(filters))
