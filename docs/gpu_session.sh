@@ -10,10 +10,13 @@
 #     protocol (bicubic downscaling only, Y for the compact model) with worker processes;
 #   upscale: the upscale command on the GPU;
 #   convs: the matmul and Winograd convolutions (CPU routes, also selectable there) against XLA's
-#     on the GPU, values and gradients (session 3 ran STAGES="convs bench", session 4 "bench").
+#     on the GPU, values and gradients (session 3 ran STAGES="convs bench", session 4 "bench");
+#   tests: the model, convolution and inference tests on the GPU, at 'highest' matmul precision
+#     (needs .gpu/pylib: pytest and its pure-Python dependencies copied from .venv; the test that
+#     asks for 4 devices is left out). Session 5 ran STAGES="convs tests bench upscale".
 # Needs .gpu/whl (the pure-Python wheels of requirements.txt's flax, optax, orbax-checkpoint and
 # ml_collections; the machine has jax), .gpu/train (../shared/data/train as lossless WebP, to fit
-# the 64 MiB transfer) and .gpu/init (models to fine-tune). Env: PY, DEADLINE_S (seconds after
+# the 64 MiB transfer) and .gpu/init (models to fine-tune). Env: PY, TESTS, TESTS_TIMEOUT, DEADLINE_S (seconds after
 # start by which training ends), BATCH, WORKERS (per run), MIN_STEPS, BENCH_ARGS, RATE_ARGS,
 # TRAIN_ARGS (appended to every run; a dry run on a CPU shrinks them). Preparing .gpu here:
 #   echo /.gpu/ >> .git/info/exclude
@@ -77,6 +80,15 @@ for shape, k in (((3, 13, 17, 32), 3), ((2, 48, 48, 64), 3), ((2, 9, 7, 5), 1), 
     print(f'{name:8s} {shape} k{k}: max relative difference (y, dx, dkernel) {err:.1e}',
           'ok' if err < 1e-4 else 'MISMATCH')
 EOF
+fi
+
+if stage tests; then
+log 'tests on the GPU'
+JAX_PLATFORMS=cuda XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highest PYTHONPATH="${PYTHONPATH:-}:.gpu/pylib" \
+  timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider -rf \
+  ${TESTS:-tests/conv_test.py tests/models_test.py tests/inference_test.py} \
+  --deselect tests/inference_test.py::test_four_devices_equal_one_and_pmap > "$OUT/tests.log" 2>&1
+grep -v -e '^WARNING' -e '^I[0-9]' "$OUT/tests.log" | tail -15
 fi
 
 if stage bench; then

@@ -1,5 +1,7 @@
 """Convolutions: every implementation equals lax.conv_general_dilated and its jax.grad."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -298,11 +300,12 @@ def test_seed_dcscn_runs_its_wide_layers_as_winograd_on_cpu(monkeypatch):
 
 
 def test_keep_freed_memory_on_cpu_only(monkeypatch):
-  assert conv.runs_on_cpu_only()  # JAX_PLATFORMS=cpu (conftest.py)
+  assert conv.runs_on_cpu_only() == (os.environ['JAX_PLATFORMS'] == 'cpu')  # conftest.py's default
   assert conv.runs_on_cpu_only('cpu') and not conv.runs_on_cpu_only('cuda,cpu')
   assert isinstance(conv.runs_on_cpu_only(''), bool)  # from the installed plugins
   calls = []
   monkeypatch.setattr(conv, 'keep_freed_memory', lambda: calls.append(1) or True)
+  monkeypatch.setattr(conv, 'runs_on_cpu_only', lambda: True)
   assert conv.keep_freed_memory_on_cpu() and calls == [1]
   monkeypatch.setattr(conv, 'runs_on_cpu_only', lambda: False)
   assert not conv.keep_freed_memory_on_cpu() and calls == [1]

@@ -365,8 +365,10 @@ def test_dcscn_reconstruction_from_parts_is_the_same_model(conv_name):
   same params (and their fresh init), values and gradients as the 1x1 convs of the concatenation."""
   cfg = _cfg(dcscn_compact, 2, conv=conv_name)
   model = models.build_model(cfg)
-  assert model.recon_from_parts  # 131 channels, on CPU
-  assert not models.recon_from_parts(models.feature_filters(_cfg(dcscn)))  # the seed's 1281
+  assert model.recon_from_parts == (jax.default_backend() == 'cpu')  # 131 channels
+  model = model.clone(recon_from_parts=True)
+  assert models.recon_from_parts(models.feature_filters(cfg), backend='cpu')
+  assert not models.recon_from_parts(models.feature_filters(_cfg(dcscn)), backend='cpu')  # 1281
   assert not models.recon_from_parts(models.feature_filters(cfg), backend='gpu')
   concat_model = model.clone(recon_from_parts=False)
   x = jnp.asarray(np.random.default_rng(0).random((2, 9, 11, 1)), jnp.float32)
