@@ -204,15 +204,16 @@ def bench_infer(args):
     elapsed = (time.perf_counter() - start) / runs
     out_pixels = (args.infer_size * config.model.scale) ** 2
     flops = models.flops_per_output_pixel(config.model) * out_pixels
-    overhead = inference.margin_overhead(config.model, upscaler.tile_size)
     # Input pixels the tiles compute per pixel of the image: margins plus the last row and column
     # of tiles overlapping their neighbours (they end at the image's edge).
     c = config.model.channels
     side = upscaler.tile_side(args.infer_size, args.infer_size, c)
+    overhead = inference.margin_overhead(config.model, side)
     work = upscaler.num_tiles(args.infer_size, args.infer_size, c) * side ** 2 / args.infer_size ** 2
     # Whole-image forward of 256x256, as the seed's figure (2.9 s for its DCSCN) is measured.
     forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
-    x = np.zeros((1, 256, 256, config.model.channels), np.float32)
+    # The random image (np.resize repeats it where it is smaller), not zeros.
+    x = np.ascontiguousarray(np.resize(image, (256, 256, 3))[None, :, :, :c])
     jax.block_until_ready(forward(params, x))
     fwd_s = min(_timed(lambda: jax.block_until_ready(forward(params, x))) for _ in range(3))
     fwd_gflops = models.flops_per_output_pixel(config.model) * (256 * config.model.scale) ** 2 / fwd_s / 1e9

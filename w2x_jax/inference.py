@@ -20,13 +20,16 @@ import numpy as np
 from w2x_jax import models
 
 # LR pixels per tile side, margins included: the largest tile; each image gets whichever of it and
-# 4/5, 3/5, 2/5 of it computes the fewest pixels (Upscaler.tile_side). Measured on 2 CPU cores
-# (Winograd convolutions, the seed DCSCN, margin 15): per computed pixel tiles of 128-512 run at
-# the same speed within this machine's ~10% noise, so the choice is about the overlap: 320 lets a
-# 512x512 image take 4 tiles of 320 (1.56x its pixels computed, 7.5-8.3 s) instead of 9 of 256
-# (2.25x, 10.4-10.8 s), and 1920x1080 1.38x instead of 1.42x. Peak memory grows with a tile's
-# area (the DCSCN's 1281 concatenated channels): 4.0-5.0 GB against 3.6 GB at 256 for that image.
+# the multiples of TILE_SIDE_STEP below it computes the fewest pixels (Upscaler.tile_side). Measured
+# on 2 CPU cores (Winograd convolutions, the seed DCSCN, margin 15): per computed pixel tiles of
+# 128-512 run at the same speed within this machine's ~10% noise, so the choice is about the
+# overlap: 320 lets a 512x512 image take 4 tiles of 288 (1.27x its pixels computed) instead of 9 of
+# 256 (2.25x). Peak memory grows with a tile's area (the DCSCN's 1281 concatenated channels):
+# 4.0-5.0 GB at 320 against 3.6 GB at 256.
 DEFAULT_TILE_SIZE = 320
+# The sides below the largest: each is a shape compiled once when an image first needs it (at
+# most 9 at the default), fine enough that the last tiles of a row waste little.
+TILE_SIDE_STEP = 32
 TILE_COST_PIXELS = 32 * 32  # per-tile overhead in pixel-equivalents when choosing a tile side
 CHROMA_MARGIN = 2  # bicubic CbCr reads 2 LR pixels each side
 LUMA = (0.299, 0.587, 0.114)  # BT.601
@@ -188,16 +191,17 @@ class Upscaler:
 
   def tile_side(self, height, width, channels):
     """The tile side for one image, from a few fixed shapes (each compiled once): the configured
-    side and 4/5, 3/5, 2/5 of it (multiples of 8, at least twice the margins). An image that one
+    side and the multiples of TILE_SIDE_STEP below it, down to four margins. An image that one
     of them holds whole gets the smallest such, halved while half still holds it; a larger one
     gets whichever computes the fewest pixels (the last tiles of a row or column overlap their
-    neighbours, so a side whose core divides the image better wastes less: 1024x1024 with the
-    shipped model takes 16 tiles of 320, 1.64 M pixels, or 36 of 192, 1.33 M)."""
+    neighbours, so a side whose core divides the image better wastes less: 512x512 with the seed
+    DCSCN takes 4 tiles of 288, 0.33 M pixels, instead of 4 of 320, 0.41 M)."""
     margin = self.margin(channels)
     side = self.tile_size
     if side <= 2 * margin:
       raise ValueError(f'tile size {side} must exceed twice the model margin ({margin})')
-    sides = [side] + [s for s in (side * k // 5 // 8 * 8 for k in (4, 3, 2)) if s >= 4 * margin]
+    step = TILE_SIDE_STEP
+    sides = [side] + list(range((side - 1) // step * step, 4 * margin - 1, -step))
     need = max(height, width) + 2 * margin
     if side >= need:
       side = min(s for s in sides if s >= need)
