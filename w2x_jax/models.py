@@ -255,9 +255,10 @@ class DCSCN(nn.Module):
   recon_from_parts: bool = False
 
   def _recon_1x1(self, features):
-    """recon_a and recon_b1 (1x1 convs of the concatenated features) as one sum over the feature
-    layers of each layer's outputs times its rows of both kernels: the concatenated tensor is never
-    written (see `recon_from_parts` for where it is faster)."""
+    """recon_a and recon_b1 (1x1 convs of the concatenated features) as one sum over `features`
+    (the feature layers' outputs, or their concatenation alone) of each times its rows of both
+    kernels side by side. Given the layers, the concatenated tensor is never written (see
+    `recon_from_parts` for where that is faster)."""
     total, init = sum(f.shape[-1] for f in features), _kernel_init(self.activation)
     a_kernel, a_bias = ConvParams(self.recon_a, total, init, name='recon_a')()
     b_kernel, b_bias = ConvParams(self.recon_b1, total, init, name='recon_b1')()
@@ -279,12 +280,8 @@ class DCSCN(nn.Module):
     for i, f in enumerate(self.filters):
       h = act(name=f'feature_{i}_act')(conv(f, 3, name=f'feature_{i}')(h))
       features.append(h)
-    if self.recon_from_parts:
-      a, b = self._recon_1x1(features)
-    else:
-      h = jnp.concatenate(features, axis=-1)
-      a = conv(self.recon_a, 1, name='recon_a')(h)
-      b = conv(self.recon_b1, 1, name='recon_b1')(h)
+    # recon_a and recon_b1 read the same features: one product with both kernels side by side.
+    a, b = self._recon_1x1(features if self.recon_from_parts else [jnp.concatenate(features, -1)])
     a = act(name='recon_a_act')(a)
     b = act(name='recon_b1_act')(b)
     b = act(name='recon_b2_act')(conv(self.recon_b2, 3, name='recon_b2')(b))
