@@ -16,9 +16,10 @@
 #     asks for 4 devices is left out). Session 5 ran STAGES="convs tests bench upscale".
 # Needs .gpu/whl (the pure-Python wheels of requirements.txt's flax, optax, orbax-checkpoint and
 # ml_collections; the machine has jax), .gpu/train (../shared/data/train as lossless WebP, to fit
-# the 64 MiB transfer) and .gpu/init (models to fine-tune). Env: PY, TESTS, TESTS_TIMEOUT, DEADLINE_S (seconds after
-# start by which training ends), BATCH, WORKERS (per run), MIN_STEPS, BENCH_ARGS, RATE_ARGS,
-# TRAIN_ARGS (appended to every run; a dry run on a CPU shrinks them). Preparing .gpu here:
+# the 64 MiB transfer) and .gpu/init (models to fine-tune). Env: PY, TESTS, TESTS_TIMEOUT,
+# DEADLINE_S (seconds after start by which training ends), BATCH, WORKERS (per run), MIN_STEPS,
+# BENCH_ARGS, RATE_ARGS, TRAIN_ARGS (appended to every run; a dry run on a CPU shrinks them).
+# Preparing .gpu here:
 #   echo /.gpu/ >> .git/info/exclude
 #   .venv/bin/pip download --no-deps -d .gpu/whl flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 \
 #     ml_collections==1.1.0
@@ -84,7 +85,8 @@ fi
 
 if stage tests; then
 log 'tests on the GPU'
-JAX_PLATFORMS=cuda XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highest PYTHONPATH="${PYTHONPATH:-}:.gpu/pylib" \
+JAX_PLATFORMS=cuda XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highest \
+  PYTHONPATH="${PYTHONPATH:-}:.gpu/pylib" \
   timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider -rf \
   ${TESTS:-tests/conv_test.py tests/models_test.py tests/inference_test.py} \
   --deselect tests/inference_test.py::test_four_devices_equal_one_and_pmap > "$OUT/tests.log" 2>&1

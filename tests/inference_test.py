@@ -90,23 +90,28 @@ def test_tile_side_halves_for_small_images_and_rejects_tiny_tiles():
   cfg, model, params = _model()
   up = _upscaler(cfg, model, params)
   assert up.tile_size == inference.DEFAULT_TILE_SIZE == 320
-  sides = list(range(320, 23, -inference.TILE_SIDE_STEP))  # 320, 288, ..., 32 (four margins: 24)
+  sides = list(range(320, 95, -32))  # 320, 288, ..., 96: inference.TILE_SIDES of them
+  assert len(sides) == inference.TILE_SIDES
   # One tile holds the image: the smallest side that does, halved while half does.
-  assert up.tile_side(10, 3, 3) == 32  # 10 + 2 * 6 fits in 32, not in 16
+  assert up.tile_side(10, 3, 3) == 24  # 10 + 2 * 6 fits in 96 / 4, not in 12
   assert up.tile_side(300, 3, 3) == 320  # 300 + 2 * 6 > 288
   assert up.tile_side(200, 150, 3) == 224  # not 320: 2x the pixels
   assert up.tile_side(150, 50, 3) == 192 and up.tile_side(100, 116, 3) == 128
   # Larger than one tile: the side that computes the fewest pixels.
   assert up.tile_side(488, 488, 3) == 256  # 2x2 tiles of 256 hold it exactly (core 244)
   assert up.tile_side(616, 616, 3) == 320  # 2x2 of 320 (core 308), not 3x3 of 288
-  assert up.tile_side(1024, 1024, 3) == 224  # 5x5 of 224^2 (1.28 M) < 4x4 of 320^2 (1.65 M)
+  assert up.tile_side(1024, 1024, 3) == 224  # 5x5 of 224^2 (1.25 M) < 4x4 of 320^2 (1.64 M)
   assert up.num_tiles(1024, 1024, 3) == 25
   for h, w in [(700, 500), (1080, 1920), (257, 3000)]:
     costs = {s: up._computed_pixels(h, w, 6, s) for s in sides}  # pylint: disable=protected-access
     assert costs[up.tile_side(h, w, 3)] == min(costs.values())
   up = _upscaler(cfg, model, params, tile_size=250)  # 250, 224, 192, ..., 32
   assert up.tile_side(230, 3, 3) == 250  # 230 + 2 * 6 > 224
-  assert up.tile_side(300, 3, 3) == 64  # 6 tiles of 64^2: fewer pixels than 2 of 250^2 or 224^2
+  # 6 tiles of 64^2: fewer pixels than 2 of 250^2 or 224^2 (and tied with 15 of 32^2: the larger)
+  assert up.tile_side(300, 3, 3) == 64
+  # Not within half a step of the tile size (257: 224, not 256); a tenth of a large one as the step.
+  assert _upscaler(cfg, model, params, tile_size=257).tile_side(230, 3, 3) == 257
+  assert _upscaler(cfg, model, params, tile_size=1024).tile_side(512, 512, 3) == 576  # step 96
   # Every choice still gives the whole-image result (the tiling is exact for any side).
   image = _image(300, 3, 3)
   np.testing.assert_allclose(up(image), inference.upscale_whole(params, cfg, image, model=model), atol=1e-5)

@@ -212,7 +212,7 @@ def bench_infer(args):
     work = upscaler.num_tiles(args.infer_size, args.infer_size, c) * side ** 2 / args.infer_size ** 2
     # Whole-image forward of 256x256, as the seed's figure (2.9 s for its DCSCN) is measured.
     forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
-    # The random image (np.resize repeats it where it is smaller), not zeros.
+    # The random image's values (np.resize reflows them, repeated where it is smaller), not zeros.
     x = np.ascontiguousarray(np.resize(image, (256, 256, 3))[None, :, :, :c])
     jax.block_until_ready(forward(params, x))
     fwd_s = min(_timed(lambda: jax.block_until_ready(forward(params, x))) for _ in range(3))

@@ -3,7 +3,8 @@
 An image is cut into square tiles of `tile_size` low-resolution pixels that overlap by the model's
 receptive margin; borders are replicated (edge padding), so every tile's valid centre equals the
 same pixels of the whole-image result (the image edge-padded by the margin, run once, cropped).
-Tiles go to the devices in batches of a fixed size, so one compilation serves every image.
+Tiles go to the devices in batches of a fixed size, so one compilation per tile side serves every
+image.
 Only the output buffer and one or two batches of tiles are resident at a time.
 
 Channels: the image may have 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA) channels whatever the
@@ -27,9 +28,12 @@ from w2x_jax import models
 # 256 (2.25x). Peak memory grows with a tile's area (the DCSCN's 1281 concatenated channels):
 # 4.0-5.0 GB at 320 against 3.6 GB at 256.
 DEFAULT_TILE_SIZE = 320
-# The sides below the largest: each is a shape compiled once when an image first needs it (at
-# most 9 at the default), fine enough that the last tiles of a row waste little.
+# The sides below the largest, fine enough that the last tiles of a row waste little: multiples
+# of a tenth of it in multiples of TILE_SIDE_STEP (32 at the default), at most TILE_SIDES in all.
+# Each is a shape compiled once, when an image first needs it; images too small for the smallest
+# halve it.
 TILE_SIDE_STEP = 32
+TILE_SIDES = 8
 TILE_COST_PIXELS = 32 * 32  # per-tile overhead in pixel-equivalents when choosing a tile side
 CHROMA_MARGIN = 2  # bicubic CbCr reads 2 LR pixels each side
 LUMA = (0.299, 0.587, 0.114)  # BT.601
@@ -190,18 +194,20 @@ class Upscaler:
     return tile_margin(self.model_cfg, channels)
 
   def tile_side(self, height, width, channels):
-    """The tile side for one image, from a few fixed shapes (each compiled once): the configured
-    side and the multiples of TILE_SIDE_STEP below it, down to four margins. An image that one
-    of them holds whole gets the smallest such, halved while half still holds it; a larger one
-    gets whichever computes the fewest pixels (the last tiles of a row or column overlap their
+    """The tile side for one image, from at most TILE_SIDES shapes (each compiled once): the
+    configured side and the multiples of a step below it (a tenth of it in multiples of
+    TILE_SIDE_STEP; none within half a step of it), down to four margins. An image that one of
+    them holds whole gets the smallest such, halved while half still holds it; a larger one gets
+    whichever computes the fewest pixels (the last tiles of a row or column overlap their
     neighbours, so a side whose core divides the image better wastes less: 512x512 with the seed
     DCSCN takes 4 tiles of 288, 0.33 M pixels, instead of 4 of 320, 0.41 M)."""
     margin = self.margin(channels)
     side = self.tile_size
     if side <= 2 * margin:
       raise ValueError(f'tile size {side} must exceed twice the model margin ({margin})')
-    step = TILE_SIDE_STEP
-    sides = [side] + list(range((side - 1) // step * step, 4 * margin - 1, -step))
+    step = max(TILE_SIDE_STEP, side // 10 // TILE_SIDE_STEP * TILE_SIDE_STEP)
+    below = range((side - step // 2) // step * step, 4 * margin - 1, -step)
+    sides = [side] + list(below)[:TILE_SIDES - 1]
     need = max(height, width) + 2 * margin
     if side >= need:
       side = min(s for s in sides if s >= need)

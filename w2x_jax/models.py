@@ -359,7 +359,10 @@ def _check_choice(field, value, allowed):
 # 3): the compact model (131 channels) 256x256 forward 59 -> 56 ms (49 with its upsampler's forward
 # by XLA, conv.WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT), its train step the same within noise
 # (0.24-0.27 s); the seed DCSCN (1281) forward the same, but its train step slower (median 3.8 s
-# against 2.8-3.1). Not measured on a GPU.
+# against 2.8-3.1). Those baselines were two separate 1x1 convs; against the concatenation's one
+# product with both kernels (the other path since), alternating in one process: the compact
+# forward 52-64 ms from parts against 60-66, its train step the same within noise (0.23-0.29 s).
+# Not measured on a GPU.
 RECON_FROM_PARTS_MAX_CHANNELS = 256
 
 
