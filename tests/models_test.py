@@ -379,3 +379,21 @@ def test_dcscn_reconstruction_from_parts_is_the_same_model(conv_name):
     np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
   assert params['recon_a']['kernel'].shape == (1, 1, sum(models.feature_filters(cfg)), cfg.recon_a)
   _assert_same_values_and_grads(model, concat_model, params, x, value_atol=None)
+
+
+@pytest.mark.parametrize('from_parts', [True, False])
+def test_dcscn_reconstruction_is_recon_a_and_recon_b1_of_the_concatenation(from_parts):
+  """Either path's one product with both kernels gives recon_a and recon_b1 as the two 1x1 convs
+  of the concatenated features (each kernel's columns go to its own output)."""
+  cfg = _cfg(dcscn_compact, 2, conv='xla', activation='selu')  # no params in the activations
+  model = models.build_model(cfg).clone(recon_from_parts=from_parts)
+  x = jnp.asarray(np.random.default_rng(1).random((2, 7, 6, 1)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # nonzero biases
+  _, state = model.apply({'params': params}, x, capture_intermediates=True)
+  got = {k: v['__call__'][0] for k, v in state['intermediates'].items() if k != '__call__'}
+  features = jnp.concatenate([got[f'feature_{i}_act'] for i in range(len(models.feature_filters(cfg)))], -1)
+  for name in ('recon_a', 'recon_b1'):
+    want = jax.nn.selu(features @ params[name]['kernel'][0, 0] + params[name]['bias'])
+    np.testing.assert_allclose(np.asarray(got[f'{name}_act']), np.asarray(want), rtol=1e-5,
+                               atol=1e-5)

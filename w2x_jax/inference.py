@@ -20,18 +20,16 @@ import numpy as np
 
 from w2x_jax import models
 
-# LR pixels per tile side, margins included: the largest tile; each image gets whichever of it and
-# the multiples of TILE_SIDE_STEP below it computes the fewest pixels (Upscaler.tile_side). Measured
-# on 2 CPU cores (Winograd convolutions, the seed DCSCN, margin 15): per computed pixel tiles of
-# 128-512 run at the same speed within this machine's ~10% noise, so the choice is about the
-# overlap: 320 lets a 512x512 image take 4 tiles of 288 (1.27x its pixels computed) instead of 9 of
-# 256 (2.25x). Peak memory grows with a tile's area (the DCSCN's 1281 concatenated channels):
-# 4.0-5.0 GB at 320 against 3.6 GB at 256.
+# LR pixels per tile side, margins included: the largest tile; each image gets it or one of a few
+# sides below it, whichever computes the fewest pixels (Upscaler.tile_side). Measured on 2 CPU
+# cores (Winograd convolutions, the seed DCSCN, margin 15): per computed pixel tiles of 128-512 run
+# at the same speed within this machine's ~10% noise, so the choice is about the overlap: 320 lets
+# a 512x512 image take 4 tiles of 288 (1.27x its pixels computed) instead of 9 of 256 (2.25x).
+# Peak memory grows with a tile's area (the DCSCN's 1281 concatenated channels): 4.0-5.0 GB at 320
+# against 3.6 GB at 256.
 DEFAULT_TILE_SIZE = 320
-# The sides below the largest, fine enough that the last tiles of a row waste little: multiples
-# of a tenth of it in multiples of TILE_SIDE_STEP (32 at the default), at most TILE_SIDES in all.
-# Each is a shape compiled once, when an image first needs it; images too small for the smallest
-# halve it.
+# The sides Upscaler.tile_side chooses from: at most TILE_SIDES, TILE_SIDE_STEP apart (a tenth of
+# a larger tile size, rounded down to a multiple of it), each compiled when first needed.
 TILE_SIDE_STEP = 32
 TILE_SIDES = 8
 TILE_COST_PIXELS = 32 * 32  # per-tile overhead in pixel-equivalents when choosing a tile side
