@@ -28,7 +28,7 @@ def test_bench_memory_tiny(tmp_path):
 
 
 def test_bench_dtypes_and_batch(tmp_path):
-  """Each compute dtype gets its own rows, measured against that dtype's matmul peak."""
+  """Each compute dtype gets its own rows, each measured against a matmul of that dtype."""
   out = tmp_path / 'bench.json'
   assert bench.main(['train', 'infer', '--seconds', '0.05', '--data-dir', '', '--presets', 'test',
                      '--patch-size', '12', '--infer-size', '40', '--train-batch', '3',
@@ -37,5 +37,17 @@ def test_bench_dtypes_and_batch(tmp_path):
   assert sorted((r['bench'], r['dtype']) for r in rows) == [
       ('infer', 'bfloat16'), ('infer', 'float32'), ('train', 'bfloat16'), ('train', 'float32')]
   assert all(r['batch'] == '3x12x12' for r in rows if r['bench'] == 'train')
-  peaks = {r['dtype']: r['matmul_gflops'] for r in rows}
-  assert all(r['matmul_gflops'] == peaks[r['dtype']] > 0 for r in rows)
+  # Each row's peak is its own (the matmul timed between its calls): positive, and the ratios use it.
+  assert all(r['matmul_gflops'] > 0 and r['of_peak'] == r['gflops'] / r['matmul_gflops'] for r in rows)
+
+
+def test_timed_calls_alternate_with_the_matmul_probe():
+  """The peak a row is divided by is sampled between its own calls, not once per run."""
+  order = []
+
+  class Probe:
+    def sample(self):
+      order.append('matmul')
+
+  bench._median_seconds(lambda: order.append('call'), 0.0, Probe())
+  assert order == ['call', 'matmul'] * 3

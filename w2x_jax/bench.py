@@ -1,7 +1,7 @@
 """Throughput benchmarks: `python -m w2x_jax.bench [data|train|infer|memory|all ...] [--json FILE] [--data-dir DIR]`.
 
 `--dtypes float32 bfloat16` measures train and infer in each compute dtype (params stay float32),
-each against the matmul peak of the same dtype measured in the same run.
+each against the GFLOP/s of a large matmul of the same dtype timed between the row's own calls.
 
 Each benchmark is a function (args) -> list of row dicts, registered in BENCHMARKS; rows are printed
 as one table and, with --json, written to a file.
@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -87,16 +88,46 @@ def _preset_config(name, noise_level=2, scale=2, dtype='float32'):
   return config
 
 
-def _matmul_peak(args, dtype):
-  """GFLOP/s of a large matmul in `dtype` on the default device, measured once per run and dtype."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
-  peaks = args.__dict__.setdefault('_matmul_gflops', {})
-  if dtype not in peaks:
+class _MatmulProbe:
+  """A large matmul in `dtype` on the default device, timed between a row's own timed calls: the
+  row's peak is the median of those products, so both sides of its ratio are measured at the same
+  moments with the same statistic (this shared machine's matmul moved between 105 and 206 GFLOP/s
+  within minutes, which a peak measured once at the start passed on to every ratio)."""
+
+  def __init__(self, dtype):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     # 2048 saturates a CPU; an accelerator needs a larger product to reach its peak.
-    n = 2048 if jax.default_backend() == 'cpu' else 8192
-    peaks[dtype] = conv.measure_matmul_gflops(n=n, dtype=dtype)
-  return peaks[dtype]
+    self.n = 2048 if jax.default_backend() == 'cpu' else 8192
+    # Random operands: an accelerator multiplies zeros or ones faster than real data.
+    self._operands = jax.random.normal(jax.random.PRNGKey(0), (2, self.n, self.n), dtype)
+    self._matmul = jax.jit(jnp.matmul)
+    self._block = jax.block_until_ready
+    self.times = []
+    self.sample()
+
+  def sample(self):
+    start = time.perf_counter()
+    self._block(self._matmul(*self._operands))
+    self.times.append(time.perf_counter() - start)
+
+  def start_row(self):
+    self.times = []
+
+  def gflops(self):
+    return 2.0 * self.n ** 3 / statistics.median(self.times) / 1e9
+
+  def best_gflops(self):
+    return 2.0 * self.n ** 3 / min(self.times) / 1e9
+
+
+def _matmul_probe(args, dtype):
+  """The run's _MatmulProbe for `dtype` (compiled once), with no samples yet."""
+  probes = args.__dict__.setdefault('_matmul_probes', {})
+  if dtype not in probes:
+    probes[dtype] = _MatmulProbe(dtype)
+  probes[dtype].start_row()
+  return probes[dtype]
 
 
 def _set_feeding(data_cfg, args):
@@ -112,8 +143,9 @@ def _preset_runs(args):
 
 
 def bench_train(args):
-  """The jitted train step: alone (on batches made beforehand), GFLOP/s against the matmul peak;
-  then fed by the real PatchGenerator, as in training (the generator's threads share the cores).
+  """The jitted train step: alone (on batches made beforehand), GFLOP/s against the matmul peak
+  (timed between its steps); then fed by the real PatchGenerator, as in training (the generator's
+  threads share the cores).
 
   The generator's headroom is its rate alone (its own threads) over what the step consumes: it must
   be well above 1 for the generator never to be the bottleneck.
@@ -124,7 +156,7 @@ def bench_train(args):
   rows = []
   batch_size = args.train_batch
   for name, dtype in _preset_runs(args):
-    peak = _matmul_peak(args, dtype)
+    probe = _matmul_probe(args, dtype)
     config = _preset_config(name, dtype=dtype)
     config.train.batch_size = batch_size
     _set_feeding(config.data, args)
@@ -143,15 +175,18 @@ def bench_train(args):
       jax.block_until_ready(m)
       compile_s = time.perf_counter() - start  # init + first step, as a run's first log line waits
 
-      def timed_steps(next_batch, state, min_steps=3):
-        """(state, median seconds per step) over `args.seconds` (at least `min_steps` steps)."""
+      def timed_steps(next_batch, state, min_steps=3, probe=None):
+        """(state, median seconds per step) over `args.seconds` (at least `min_steps` steps),
+        with a probe matmul after each step if given."""
         times, begin = [], time.perf_counter()
         while len(times) < min_steps or time.perf_counter() - begin < args.seconds:
           t = time.perf_counter()
           state, m = step(state, next_batch(len(times)))
           jax.block_until_ready(m)
           times.append(time.perf_counter() - t)
-        return state, sorted(times)[len(times) // 2]
+          if probe is not None:
+            probe.sample()
+        return state, statistics.median(times)
 
       # The next few steps still run up to 3x slower, in plateaus (measured here for the seed
       # DCSCN: 15.9, 8.9, 9.1, 8.7, 5.3, 4.9, 4.7, 4.7 s: the heap still growing and page-faulting
@@ -162,15 +197,17 @@ def bench_train(args):
         if k >= 3 and s_step > 0.95 * previous:
           break
         previous = min(previous, s_step)
-      state, s_alone = timed_steps(lambda k: ready[k % 2], state)
+      state, s_alone = timed_steps(lambda k: ready[k % 2], state, probe=probe)
       state, s_fed = timed_steps(lambda _: train.shard_batch(next(batches)[1], mesh), state)
       generator_rate, _, _ = _rate(lambda _: next(batches), batch_size, min(args.seconds, 2.0))
     hr_pixels = (args.patch_size * scale) ** 2
     gflops = 3 * models.flops_per_output_pixel(config.model) * hr_pixels * batch_size / s_alone / 1e9
+    peak = probe.gflops()
     rows.append(dict(bench='train', model=name, dtype=dtype, params=models.count_params(state.params),
                      batch=f'{batch_size}x{args.patch_size}x{args.patch_size}', s_per_step=s_alone,
                      patches_per_s=batch_size / s_alone, gflops=gflops, matmul_gflops=peak,
-                     of_peak=gflops / peak, s_per_step_fed=s_fed, compile_s=compile_s,
+                     matmul_gflops_best=probe.best_gflops(), of_peak=gflops / peak,
+                     s_per_step_fed=s_fed, compile_s=compile_s,
                      generator_headroom=generator_rate * s_alone / batch_size))
   return rows
 
@@ -189,7 +226,7 @@ def bench_infer(args):
   image = rng.uniform(0, 1, (args.infer_size, args.infer_size, 3)).astype(np.float32)
   rows = []
   for name, dtype in _preset_runs(args):
-    peak = _matmul_peak(args, dtype)
+    probe = _matmul_probe(args, dtype)
     config = _preset_config(name, noise_level=-1, dtype=dtype)
     model = models.build_model(config.model)
     params = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, config.model.channels), np.float32))['params']
@@ -197,11 +234,7 @@ def bench_infer(args):
     start = time.perf_counter()
     upscaler(image)
     compile_s = time.perf_counter() - start
-    runs, start = 0, time.perf_counter()
-    while runs < 2 or time.perf_counter() - start < args.seconds:
-      upscaler(image)
-      runs += 1
-    elapsed = (time.perf_counter() - start) / runs
+    elapsed = _median_seconds(lambda: upscaler(image), args.seconds, probe)
     out_pixels = (args.infer_size * config.model.scale) ** 2
     flops = models.flops_per_output_pixel(config.model) * out_pixels
     # Input pixels the tiles compute per pixel of the image: margins plus the last row and column
@@ -215,21 +248,29 @@ def bench_infer(args):
     # The random image's values (np.resize reflows them, repeated where it is smaller), not zeros.
     x = np.ascontiguousarray(np.resize(image, (256, 256, 3))[None, :, :, :c])
     jax.block_until_ready(forward(params, x))
-    fwd_s = min(_timed(lambda: jax.block_until_ready(forward(params, x))) for _ in range(3))
+    fwd_s = _median_seconds(lambda: jax.block_until_ready(forward(params, x)), args.seconds, probe)
+    peak = probe.gflops()
     fwd_gflops = models.flops_per_output_pixel(config.model) * (256 * config.model.scale) ** 2 / fwd_s / 1e9
     rows.append(dict(bench='infer', model=name, dtype=dtype, image=f'{args.infer_size}x{args.infer_size}',
                      tile=side, margin_overhead=overhead, work_per_pixel=work,
                      output_mp_per_s=out_pixels / elapsed / 1e6, gflops=flops / elapsed / 1e9,
-                     matmul_gflops=peak, of_peak=flops / elapsed / 1e9 / peak,
+                     matmul_gflops=peak, matmul_gflops_best=probe.best_gflops(),
+                     of_peak=flops / elapsed / 1e9 / peak,
                      computed_of_peak=work * flops / elapsed / 1e9 / peak,
                      compile_s=compile_s, forward_256_s=fwd_s, forward_256_of_peak=fwd_gflops / peak))
   return rows
 
 
-def _timed(fn):
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
+def _median_seconds(fn, seconds, probe, min_calls=3):
+  """Median seconds per call of fn() over `seconds` (at least `min_calls` calls), the statistic of
+  the train rows, with a probe matmul after each call."""
+  times, begin = [], time.perf_counter()
+  while len(times) < min_calls or time.perf_counter() - begin < seconds:
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+    probe.sample()
+  return statistics.median(times)
 
 
 def bench_memory(args):
