@@ -310,3 +310,27 @@ def test_keep_freed_memory_on_cpu_only(monkeypatch):
   assert conv.keep_freed_memory_on_cpu() and calls == [1]
   monkeypatch.setattr(conv, 'runs_on_cpu_only', lambda: False)
   assert not conv.keep_freed_memory_on_cpu() and calls == [1]
+
+
+@pytest.mark.parametrize('x_shape', [(1, 3, 3, 8), (2, 6, 7, 8), (1, 13, 11, 8), (1, 17, 20, 8)])
+@pytest.mark.parametrize('like', ['xla', 'winograd', 'auto'])
+def test_conv2d_valid_matches_xla_valid(x_shape, like, monkeypatch):
+  """The VALID convolution of tiled inference: Winograd's forward (tiles from the first pixel,
+  the last ones padded) where the SAME convolution `like` would take it, else XLA's; both equal
+  XLA's VALID convolution, any size down to one output pixel."""
+  monkeypatch.setattr(conv, 'WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT', 0)
+  monkeypatch.setattr(conv, '_WINO_MIN_CHANNELS', 8)
+  calls = []
+  real = conv._winograd_forward_valid  # pylint: disable=protected-access
+  monkeypatch.setattr(conv, '_winograd_forward_valid', lambda x, k: calls.append(1) or real(x, k))
+  x, kernel, _ = _data(x_shape, (3, 3, 8, 9), seed=3)
+  want = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  got = conv.conv2d_valid(x, kernel, conv.get_conv_fn(like, backend='cpu'))
+  assert got.shape == (x_shape[0], x_shape[1] - 2, x_shape[2] - 2, 9)
+  rtol, atol = _tolerances('winograd', want)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=atol)
+  assert len(calls) == (like != 'xla')
+  calls.clear()
+  conv.conv2d_valid(x, kernel[:1, :1], conv.conv2d_winograd)  # 1x1: nothing to pad, XLA's
+  assert not calls

@@ -251,3 +251,15 @@ def test_upscale_image_alpha_paths():
   la = _image(6, 5, 2)
   out = inference.upscale_image(up1, la)
   np.testing.assert_array_equal(out[..., 1], la[..., 1])
+
+
+def test_tiles_run_the_unpadded_model_with_the_same_params():
+  """The tiler runs its model with `valid=True` (no work on the margin past what the layers
+  still need), keeping the padded one for reference; both give the same tiles."""
+  cfg, model, params = _model()
+  up = _upscaler(cfg, model, params, tile_size=32)
+  assert up.model is model and not model.valid and up.tile_model.valid
+  image = _image(40, 21, 3, seed=4)
+  padded = _upscaler(cfg, model, params, tile_size=32)
+  padded.tile_model = model
+  np.testing.assert_allclose(up(image), padded(image), rtol=0, atol=TOL)

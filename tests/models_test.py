@@ -397,3 +397,31 @@ def test_dcscn_reconstruction_is_recon_a_and_recon_b1_of_the_concatenation(from_
     want = jax.nn.selu(features @ params[name]['kernel'][0, 0] + params[name]['bias'])
     np.testing.assert_allclose(np.asarray(got[f'{name}_act']), np.asarray(want), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize('make_cfg,shape', [
+    (lambda: _cfg(dcscn), (1, 34, 37)),  # the seed's: Winograd layers, HR conv after the shuffle
+    (lambda: _cfg(dcscn_compact, final_bias=True), (2, 24, 23)),  # HR conv before the shuffle
+    (lambda: _cfg(dcscn_compact, 3), (1, 25, 25)),
+    (lambda: _cfg(dcscn_compact, 1), (1, 24, 22)),  # a denoiser (scale 1)
+    (lambda: _cfg(espcn_su, skip_interpolation='bicubic'), (1, 18, 20)),
+    (lambda: _tiny_espcn(2, filters=(), skip_interpolation='bicubic'), (1, 6, 7)),  # skip > body
+])
+def test_valid_model_is_the_centre_of_the_same_model(make_cfg, shape):
+  """`valid=True` (tiles): the same params; the output is the padded model's centre, all but the
+  receptive margin, where zero padding cannot reach."""
+  cfg = make_cfg()
+  model, valid = models.build_model(cfg), models.build_model(cfg, valid=True)
+  x = jnp.asarray(np.random.default_rng(0).random(shape + (cfg.channels,)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  assert (jax.tree_util.tree_map(jnp.shape, params)
+          == jax.tree_util.tree_map(jnp.shape, valid.init(jax.random.PRNGKey(0), x)['params']))
+  params = jax.tree_util.tree_map(lambda p: p + 0.01, params)  # nonzero biases reach the edges
+  m, s = models.receptive_margin(cfg), cfg.scale
+  want = model.apply({'params': params}, x)[:, s * m:s * (shape[1] - m), s * m:s * (shape[2] - m)]
+  got = valid.apply({'params': params}, x)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                             atol=2e-5 * float(jnp.abs(want).max()))
+  with pytest.raises(ValueError, match='valid=True needs inputs over'):
+    valid.apply({'params': params}, x[:, :2 * m, :2 * m])

@@ -388,6 +388,34 @@ def conv2d_winograd(x, kernel):
   return _conv_winograd(x, kernel)
 
 
+def _winograd_forward_valid(x, kernel):
+  """The VALID 3x3 convolution ((H - 2) x (W - 2) out) by Winograd F(4x4, 3x3): the tiles start at
+  the input's first pixel instead of one before it, and nothing but the last tiles is padded."""
+  n, h, w, c = x.shape
+  th, tw = _tiles(h - 2, w - 2)
+  m = _WINO_TILE
+  xp = jnp.pad(x, ((0, 0), (0, th * m + 2 - h), (0, tw * m + 2 - w), (0, 0)))
+  vh = jnp.stack([_lincomb(_strided_taps(xp, 1, th), b) for b in _WINO_BT])
+  v = jnp.stack([_lincomb(_strided_taps(vh, 3, tw), b) for b in _WINO_BT], axis=1)
+  mm = _bmm(v.reshape(_WINO_ALPHA ** 2, n * th * tw, c), _wino_kernel(kernel))
+  return _wino_output(mm, n, th, tw, h - 2, w - 2)
+
+
+def conv2d_valid(x, kernel, like=conv2d_xla):
+  """The VALID convolution (no padding: each side smaller by the kernel's radius), for tiled
+  inference (forward only, differentiable by autodiff). Winograd's forward where the SAME
+  convolution `like` would take it (`conv2d_winograd`, or `conv2d_cpu` where `winograd_is_faster`)
+  and the layer is wide enough for its forward (`WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT`); else
+  XLA's."""
+  _check(x, kernel)
+  kh, kw, cin, cout = kernel.shape
+  wino = like is conv2d_winograd or (like is conv2d_cpu and winograd_is_faster(kernel.shape, x.dtype))
+  if (wino and (kh, kw) == (3, 3) and x.dtype == jnp.float32
+      and cin * cout >= WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT):
+    return _winograd_forward_valid(x, kernel)
+  return lax.conv_general_dilated(x, kernel, (1, 1), 'VALID', dimension_numbers=_DIMENSION_NUMBERS)
+
+
 _WINO_MIN_CHANNELS = 32
 
 

@@ -84,17 +84,22 @@ def _undihedral(x, k):
   return jnp.flip(x, axis=2) if k >= 4 else x
 
 
-def make_tile_fn(model, model_cfg, channels, tta=False, out_dtype=np.float32):
-  """fn(params, x): (N, h, w, channels) in [0, 1] -> (N, h*s, w*s, channels) clipped to [0, 1]
-  (or quantized when out_dtype is uint8/uint16). Pure; the caller jits it."""
+def make_tile_fn(model, model_cfg, channels, tta=False, out_dtype=np.float32, margin=0):
+  """fn(params, x): (N, h, w, channels) in [0, 1] -> the central (N, (h - 2 margin)*s,
+  (w - 2 margin)*s, channels) of the output, clipped to [0, 1] (or quantized when out_dtype is uint8/uint16). The
+  model may be one built with `valid=True` (its output already smaller; the tiler's, which skips
+  the work on the margin) or not (the reference). Pure; the caller jits it."""
   scale, model_channels = int(model_cfg.scale), int(model_cfg.channels)
   if channels not in (1, 2, 3, 4):
     raise ValueError(f'images need 1 to 4 channels, got {channels}')
   if model_channels not in (1, 3):
     raise ValueError(f'model.channels={model_channels} must be 1 or 3')
 
+  def core(y, x):
+    return models.center(y, *[(n - 2 * margin) * scale for n in x.shape[1:3]])
+
   def run(params, x):
-    return model.apply({'params': params}, x).astype(jnp.float32)
+    return core(model.apply({'params': params}, x).astype(jnp.float32), x)
 
   def gray(params, x):
     if model_channels == 1:
@@ -107,7 +112,7 @@ def make_tile_fn(model, model_cfg, channels, tta=False, out_dtype=np.float32):
     if model_channels == 3:
       return run(params, x)
     y, cbcr = _rgb_to_ycbcr(x)
-    return _ycbcr_to_rgb(run(params, y), models.upsample(cbcr, scale, 'bicubic'))
+    return _ycbcr_to_rgb(run(params, y), core(models.upsample(cbcr, scale, 'bicubic'), x))
 
   def once(params, x):
     if channels in (2, 4):  # alpha: the model upscales it as a gray image
@@ -176,6 +181,10 @@ class Upscaler:
     self.model_cfg = model_cfg
     self.scale = int(model_cfg.scale)
     self.model = model if model is not None else models.build_model(model_cfg)
+    # Tiles run without padding (the same params): no work on the margin past what the layers
+    # still need (the seed DCSCN's 288x288 tile: 1.34-1.51 s against 1.60-1.67 s padded).
+    valid = hasattr(self.model, 'valid') and not self.model.valid
+    self.tile_model = self.model.clone(valid=True) if valid else self.model
     self.devices = list(devices) if devices is not None else jax.local_devices()
     self.tile_size = int(tile_size or DEFAULT_TILE_SIZE)
     n = len(self.devices)
@@ -226,7 +235,8 @@ class Upscaler:
     """The compiled fn(params, batch) for (batch_size, side, side, channels) numpy batches."""
     key = (channels, tta, np.dtype(out_dtype).name)
     if key not in self._fns:
-      fn = make_tile_fn(self.model, self.model_cfg, channels, tta, out_dtype)
+      fn = make_tile_fn(self.tile_model, self.model_cfg, channels, tta, out_dtype,
+                        self.margin(channels))
       if self.use_pmap:
         pfn = jax.pmap(fn, in_axes=(None, 0), devices=self.devices)
         n = len(self.devices)
@@ -263,8 +273,7 @@ class Upscaler:
       result = np.asarray(result)
       for (y, x), tile in zip(pos, result):
         th, tw = min(core, h - y), min(core, w - x)
-        out[s * y:s * (y + th), s * x:s * (x + tw)] = tile[
-            s * margin:s * (margin + th), s * margin:s * (margin + tw)]
+        out[s * y:s * (y + th), s * x:s * (x + tw)] = tile[:s * th, :s * tw]
 
     pending = None
     for start in range(0, len(positions), bsz):
@@ -299,11 +308,11 @@ def upscale_whole(params, model_cfg, image, *, tta=False, model=None):
   cropped. Memory grows with the image: for tests and small images."""
   image = _check_image(image).astype(np.float32)
   h, w, c = image.shape
-  s, margin = int(model_cfg.scale), tile_margin(model_cfg, c)
+  margin = tile_margin(model_cfg, c)
   model = model if model is not None else models.build_model(model_cfg)
   padded = np.pad(image, ((margin, margin), (margin, margin), (0, 0)), mode='edge')
-  y = jax.jit(make_tile_fn(model, model_cfg, c, tta))(params, padded[None])
-  return np.asarray(y[0, s * margin:s * (margin + h), s * margin:s * (margin + w)])
+  y = jax.jit(make_tile_fn(model, model_cfg, c, tta, margin=margin))(params, padded[None])
+  return np.asarray(y[0])
 
 
 def _box3(x):

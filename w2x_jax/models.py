@@ -8,7 +8,8 @@ Conventions shared by both models:
   `build_model`, else `conv.get_conv_fn(model_cfg.get('conv', 'auto'))` (on CPU, XLA's convolution
   forward with a matmul backward pass), so a faster convolution can be swapped in without touching
   the architectures;
-- convolutions are stride 1 with SAME (zero) padding; params are float32, the convolutions compute
+- convolutions are stride 1 with SAME (zero) padding (`valid=True`, for tiles: none, see
+  `center`); params are float32, the convolutions compute
   in `model_cfg.get('dtype', 'float32')`; the interpolated-input skip and the final add are float32
   (the skip carries most of the signal, and bfloat16 rounds more coarsely than 8-bit pixels);
 - `pixel_shuffle` uses PyTorch's channel order (input channel `c*s*s + dy*s + dx`), so the seed's
@@ -73,6 +74,28 @@ def pixel_shuffle(x, scale):
   return x.transpose(0, 1, 4, 2, 5, 3).reshape(n, h * scale, w * scale, c)
 
 
+def center(x, height, width):
+  """The central height x width pixels of NHWC `x` (as many cropped from each side)."""
+  dy, dx = x.shape[1] - height, x.shape[2] - width
+  if min(dy, dx) < 0 or dy % 2 or dx % 2:
+    raise ValueError(f'models.py: cannot take the central {height}x{width} of {x.shape[1:3]}')
+  return x[:, dy // 2:dy // 2 + height, dx // 2:dx // 2 + width]
+
+
+def _valid_output(body, x, scale, margin, skip_interpolation):
+  """A `valid=True` model's output: the body's and the interpolated input's centre of
+  (H - 2 margin) * s x (W - 2 margin) * s pixels, those whose receptive field the input holds."""
+  margin = max(margin, _INTERP_RADIUS[skip_interpolation] if scale > 1 else 0)
+  size = [(n - 2 * margin) * scale for n in x.shape[1:3]]
+  if min(size) <= 0:
+    raise ValueError(f'models.py: valid=True needs inputs over {2 * margin} pixels, '
+                     f'got {x.shape[1:3]}')
+  y = center(body.astype(jnp.float32), *size)
+  if skip_interpolation != 'none':
+    y = y + center(upsample(x.astype(jnp.float32), scale, skip_interpolation), *size)
+  return y
+
+
 def _cubic(t, a=-0.5):
   t = abs(t)
   if t <= 1:
@@ -133,7 +156,8 @@ class Conv(nn.Module):
   `shuffle` = s > 1: the 3x3 conv of pixel_shuffle(x, s), computed before the shuffle as
   pixel_shuffle(conv(x, subpixel_kernel)) with the same params (kernel (3, 3, C, O)); s*s times
   the multiply-adds, but for few channels far faster on CPU than the conv at high resolution
-  (see DCSCN)."""
+  (see DCSCN). `valid`: no padding, each side smaller by the kernel's radius
+  (`conv.conv2d_valid`, Winograd's or XLA's as `conv_fn` would choose)."""
   features: int
   kernel_size: int = 3
   use_bias: bool = True
@@ -141,6 +165,7 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
   conv_fn: Callable = conv2d
   shuffle: int = 1
+  valid: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -151,7 +176,10 @@ class Conv(nn.Module):
       if k != 3:
         raise ValueError(f'models.py: Conv(shuffle={self.shuffle}) needs a 3x3 kernel, got {k}x{k}')
       kernel = subpixel_kernel(kernel, self.shuffle)
-    y = self.conv_fn(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.valid and k > 1:
+      y = conv_lib.conv2d_valid(x.astype(self.dtype), kernel.astype(self.dtype), self.conv_fn)
+    else:
+      y = self.conv_fn(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
       y = y + jnp.repeat(bias, s2).astype(self.dtype)
@@ -253,6 +281,10 @@ class DCSCN(nn.Module):
   # True: the reconstruction's 1x1 convs per feature layer (same maths; build_model decides by
   # `recon_from_parts`); False: of the concatenated features.
   recon_from_parts: bool = False
+  # True (tiled inference): no padding; each layer's output is 1 pixel per side smaller, the earlier
+  # features are cropped to the last's size, and the output is the centre that does not depend
+  # on the tile's edge: (H - 2 * receptive_margin) * s, the SAME output's values there.
+  valid: bool = False
 
   def _recon_1x1(self, features):
     """recon_a and recon_b1 (1x1 convs of the concatenated features) as one sum over `features`
@@ -274,18 +306,20 @@ class DCSCN(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = functools.partial(Conv, kernel_init=_kernel_init(self.activation), dtype=self.dtype,
-                             conv_fn=self.conv_fn)
+                             conv_fn=self.conv_fn, valid=self.valid)
     act = functools.partial(Activation, self.activation)
     h, features = x, []
     for i, f in enumerate(self.filters):
       h = act(name=f'feature_{i}_act')(conv(f, 3, name=f'feature_{i}')(h))
       features.append(h)
+    if self.valid:
+      features = [center(f, *h.shape[1:3]) for f in features]
     # recon_a and recon_b1 read the same features: one product with both kernels side by side.
     a, b = self._recon_1x1(features if self.recon_from_parts else [jnp.concatenate(features, -1)])
     a = act(name='recon_a_act')(a)
     b = act(name='recon_b1_act')(b)
     b = act(name='recon_b2_act')(conv(self.recon_b2, 3, name='recon_b2')(b))
-    h = jnp.concatenate([a, b], axis=-1)
+    h = jnp.concatenate([center(a, *b.shape[1:3]), b], axis=-1)
     h = conv(self.upsampler_filters * self.scale ** 2, 3, name='upsampler')(h)
     before = self.final_before_shuffle
     if before is None:
@@ -293,11 +327,13 @@ class DCSCN(nn.Module):
     if before:  # the same maths at low resolution (same params)
       h = act(repeat=self.scale ** 2, name='upsampler_act')(h)
       h = Conv(self.channels, 3, use_bias=self.final_bias, dtype=self.dtype, conv_fn=self.conv_fn,
-               shuffle=self.scale, name='final')(h)
+               shuffle=self.scale, valid=self.valid, name='final')(h)
     else:
       h = act(name='upsampler_act')(pixel_shuffle(h, self.scale))
       h = Conv(self.channels, 3, use_bias=self.final_bias, dtype=self.dtype, conv_fn=self.conv_fn,
-               name='final')(h)
+               valid=self.valid, name='final')(h)
+    if self.valid:  # features, reconstruction B, upsampler, final conv: a pixel each
+      return _valid_output(h, x, self.scale, len(self.filters) + 3, self.skip_interpolation)
     return h.astype(jnp.float32) + upsample(x.astype(jnp.float32), self.scale,
                                             self.skip_interpolation)
 
@@ -314,19 +350,22 @@ class ESPCNSU(nn.Module):
   skip_interpolation: str = 'none'
   dtype: Any = jnp.float32
   conv_fn: Callable = conv2d
+  valid: bool = False  # as DCSCN's
 
   @nn.compact
   def __call__(self, x):
     h = x
     for i, f in enumerate(self.filters):
       h = Conv(f, 3, kernel_init=_kernel_init(self.activation), dtype=self.dtype,
-               conv_fn=self.conv_fn, name=f'conv_{i}')(h)
+               conv_fn=self.conv_fn, valid=self.valid, name=f'conv_{i}')(h)
       h = Activation(self.activation, name=f'conv_{i}_act')(h)
       h = SelectionUnit(self.selection_activation, self.selection_multiply, dtype=self.dtype,
                         conv_fn=self.conv_fn, name=f'select_{i}')(h)
     h = Conv(self.channels * self.scale ** 2, 3, dtype=self.dtype, conv_fn=self.conv_fn,
-             name='upsampler')(h)
+             valid=self.valid, name='upsampler')(h)
     h = pixel_shuffle(h, self.scale).astype(jnp.float32)
+    if self.valid:
+      return _valid_output(h, x, self.scale, len(self.filters) + 1, self.skip_interpolation)
     if self.skip_interpolation != 'none':
       h = h + upsample(x.astype(jnp.float32), self.scale, self.skip_interpolation)
     return h
@@ -372,9 +411,10 @@ def recon_from_parts(filters, backend=None):
           and (backend or jax.default_backend()) == 'cpu')
 
 
-def build_model(model_cfg, conv_fn=None):
+def build_model(model_cfg, conv_fn=None, valid=False):
   """The Linen module that `model_cfg` describes; `conv_fn(x, kernel)` does every convolution
-  (default: the one `model_cfg.conv` names, 'auto' where absent; see conv.py)."""
+  (default: the one `model_cfg.conv` names, 'auto' where absent; see conv.py). `valid=True`: the
+  same params, run without padding for tiles (see DCSCN.valid)."""
   _check_choice('name', model_cfg.name, MODEL_NAMES)
   if conv_fn is None:
     conv_name = model_cfg.get('conv', 'auto')
@@ -392,14 +432,16 @@ def build_model(model_cfg, conv_fn=None):
                  recon_b2=model_cfg.recon_b2,
                  upsampler_filters=model_cfg.upsampler_filters, final_bias=model_cfg.final_bias,
                  activation=model_cfg.activation, skip_interpolation=model_cfg.skip_interpolation,
-                 dtype=dtype, conv_fn=conv_fn, recon_from_parts=recon_from_parts(filters))
+                 dtype=dtype, conv_fn=conv_fn, recon_from_parts=recon_from_parts(filters),
+                 valid=valid)
   _check_choice('selection_activation', model_cfg.selection_activation, SELECTION_ACTIVATIONS)
   _check_choice('skip_interpolation', model_cfg.skip_interpolation, INTERPOLATIONS)
   return ESPCNSU(scale=model_cfg.scale, channels=model_cfg.channels,
                  filters=tuple(model_cfg.filters), activation=model_cfg.activation,
                  selection_activation=model_cfg.selection_activation,
                  selection_multiply=model_cfg.selection_multiply,
-                 skip_interpolation=model_cfg.skip_interpolation, dtype=dtype, conv_fn=conv_fn)
+                 skip_interpolation=model_cfg.skip_interpolation, dtype=dtype, conv_fn=conv_fn,
+                 valid=valid)
 
 
 def receptive_margin(model_cfg):
