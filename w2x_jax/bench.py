@@ -216,7 +216,8 @@ def bench_infer(args):
   """Output megapixels/s of tiled inference at the default tile size, and a whole 256x256 forward.
 
   `of_peak` counts the FLOPs of the output pixels only; `computed_of_peak` those of every pixel the
-  tiles compute (`work_per_pixel` per image pixel), which separates the convolutions' speed from
+  tiles read (`work_per_pixel` per image pixel; unpadded, their later layers compute fewer, so
+  this understates them), which separates the convolutions' speed from
   the tiling's overlap."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -237,7 +238,7 @@ def bench_infer(args):
     elapsed = _median_seconds(lambda: upscaler(image), args.seconds, probe)
     out_pixels = (args.infer_size * config.model.scale) ** 2
     flops = models.flops_per_output_pixel(config.model) * out_pixels
-    # Input pixels the tiles compute per pixel of the image: margins plus the last row and column
+    # Input pixels the tiles read per pixel of the image: margins plus the last row and column
     # of tiles overlapping their neighbours (they end at the image's edge).
     c = config.model.channels
     side = upscaler.tile_side(args.infer_size, args.infer_size, c)
