@@ -334,3 +334,14 @@ def test_conv2d_valid_matches_xla_valid(x_shape, like, monkeypatch):
   calls.clear()
   conv.conv2d_valid(x, kernel[:1, :1], conv.conv2d_winograd)  # 1x1: nothing to pad, XLA's
   assert not calls
+
+
+def test_conv2d_valid_in_bfloat16_follows_the_padded_conv():
+  """bfloat16 with the 'winograd' conv computes in float32 (as `conv2d_winograd` does), so tiles
+  equal the padded model; the XLA route stays in bfloat16, as `conv2d_xla` does."""
+  x, kernel, _ = _data((1, 9, 10, 4), (3, 3, 4, 5), dtype=jnp.bfloat16, seed=5)
+  for like in (conv.conv2d_winograd, conv.conv2d_xla):
+    want = like(x, kernel)[:, 1:-1, 1:-1]
+    got = conv.conv2d_valid(x, kernel, like)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -66,7 +66,8 @@ def test_single_file_device_line_and_progress(tmp_path, capsys, model_dirs, monk
   assert out.strip() == '1 done, 0 skipped, 0 failed'
   assert err.count('running on 4 device(s)') == 1
   assert '1/1' in err and 'file' in err and 'tile/s' not in err  # no tile bar for a small image
-  assert err.count('of the work on the overlap') == 1  # the margin's share, said once per model
+  # The margin's share, said once per model.
+  assert err.count('of their input pixels on the overlap') == 1
   with Image.open(tmp_path / 'b.png') as im:
     assert (im.size, im.mode, im.info.get('icc_profile')) == ((18, 12), 'RGB', SRGB_ICC)
   code, out, err = _run(capsys, '-i', tmp_path / 'big.png', '-o', f'{tmp_path / "out"}{os.sep}',

@@ -406,8 +406,11 @@ def conv2d_valid(x, kernel, like=conv2d_xla):
   inference (forward only, differentiable by autodiff). Winograd's forward where the SAME
   convolution `like` would take it (`conv2d_winograd`, or `conv2d_cpu` where `winograd_is_faster`)
   and the layer is wide enough for its forward (`WINOGRAD_FORWARD_MIN_CHANNELS_PRODUCT`); else
-  XLA's."""
+  XLA's (any other `like` included). Narrower dtypes with `like=conv2d_winograd` compute in
+  float32, as that does, so tiles equal the padded model's output."""
   _check(x, kernel)
+  if like is conv2d_winograd and x.dtype != jnp.float32:  # as conv2d_winograd: float32 inside
+    return conv2d_valid(x.astype(jnp.float32), kernel.astype(jnp.float32), like).astype(x.dtype)
   kh, kw, cin, cout = kernel.shape
   wino = like is conv2d_winograd or (like is conv2d_cpu and winograd_is_faster(kernel.shape, x.dtype))
   if (wino and (kh, kw) == (3, 3) and x.dtype == jnp.float32

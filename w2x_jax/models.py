@@ -7,7 +7,8 @@ Conventions shared by both models:
 - every convolution goes through `Conv`, which calls one function: the `conv_fn` given to
   `build_model`, else `conv.get_conv_fn(model_cfg.get('conv', 'auto'))` (on CPU, XLA's convolution
   forward with a matmul backward pass), so a faster convolution can be swapped in without touching
-  the architectures;
+  the architectures (`valid=True` models run their 3x3 convolutions by `conv.conv2d_valid`, which
+  follows `conv_fn`'s choice of Winograd, else XLA's);
 - convolutions are stride 1 with SAME (zero) padding (`valid=True`, for tiles: none, see
   `center`); params are float32, the convolutions compute
   in `model_cfg.get('dtype', 'float32')`; the interpolated-input skip and the final add are float32

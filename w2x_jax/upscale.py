@@ -192,7 +192,8 @@ class Runner:
         margin = upscaler.margin(config.model.channels)
         overhead = inference.margin_overhead(config.model, upscaler.tile_size)
         _say(f'{PROG}: model {key}: tiles of up to {upscaler.tile_size} px overlapping by {margin} px, '
-            f'{overhead:.0%} of the work on the overlap (--tile-size trades it for memory)')
+            f'{overhead:.0%} of their input pixels on the overlap '
+            '(--tile-size trades it for memory)')
     return self._upscalers[key]
 
   def passes(self, height, width):
