@@ -178,15 +178,16 @@ def bench_train(args):
       def timed_steps(next_batch, state, min_steps=3, probe=None):
         """(state, median seconds per step) over `args.seconds` (at least `min_steps` steps),
         with a probe matmul after each step if given."""
-        times, begin = [], time.perf_counter()
-        while len(times) < min_steps or time.perf_counter() - begin < args.seconds:
-          t = time.perf_counter()
-          state, m = step(state, next_batch(len(times)))
+        calls = 0
+
+        def one_step():
+          nonlocal state, calls
+          state, m = step(state, next_batch(calls))
+          calls += 1
           jax.block_until_ready(m)
-          times.append(time.perf_counter() - t)
-          if probe is not None:
-            probe.sample()
-        return state, statistics.median(times)
+
+        seconds = _median_seconds(one_step, args.seconds, probe, min_steps)
+        return state, seconds
 
       # The next few steps still run up to 3x slower, in plateaus (measured here for the seed
       # DCSCN: 15.9, 8.9, 9.1, 8.7, 5.3, 4.9, 4.7, 4.7 s: the heap still growing and page-faulting
@@ -262,15 +263,16 @@ def bench_infer(args):
   return rows
 
 
-def _median_seconds(fn, seconds, probe, min_calls=3):
-  """Median seconds per call of fn() over `seconds` (at least `min_calls` calls), the statistic of
-  the train rows, with a probe matmul after each call."""
+def _median_seconds(fn, seconds, probe=None, min_calls=3):
+  """Median seconds per call of fn() over `seconds` (at least `min_calls` calls), with a probe
+  matmul (`_MatmulProbe`) after each call if given."""
   times, begin = [], time.perf_counter()
   while len(times) < min_calls or time.perf_counter() - begin < seconds:
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-    probe.sample()
+    if probe is not None:
+      probe.sample()
   return statistics.median(times)
 
 

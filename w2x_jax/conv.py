@@ -236,12 +236,14 @@ def _strided_taps(x, axis, count, alpha=_WINO_ALPHA, m=_WINO_TILE):
   return [lax.slice_in_dim(x, a, a + (count - 1) * m + 1, m, axis) for a in range(alpha)]
 
 
-def _wino_input(x, th, tw):
-  """(36, N*th*tw, C): B^T d B of every 6x6 tile d of x zero-padded by 1 (top/left) and to
-  4*th + 2 x 4*tw + 2; rows first, each pass one fusion (stacking the six lincombs)."""
+def _wino_input(x, th, tw, before=1):
+  """(36, N*th*tw, C): B^T d B of every 6x6 tile d of x zero-padded by `before` (top/left: 1 for
+  SAME, 0 for VALID) and to 4*th + 2 x 4*tw + 2; rows first, each pass one fusion (stacking the
+  six lincombs)."""
   n, h, w, c = x.shape
   m = _WINO_TILE
-  xp = jnp.pad(x, ((0, 0), (1, th * m - h + 1), (1, tw * m - w + 1), (0, 0)))
+  xp = jnp.pad(x, ((0, 0), (before, th * m + 2 - h - before), (before, tw * m + 2 - w - before),
+                   (0, 0)))
   rows = _strided_taps(xp, 1, th)
   vh = jnp.stack([_lincomb(rows, b) for b in _WINO_BT])  # (6i, N, th, W', C)
   cols = _strided_taps(vh, 3, tw)
@@ -391,13 +393,9 @@ def conv2d_winograd(x, kernel):
 def _winograd_forward_valid(x, kernel):
   """The VALID 3x3 convolution ((H - 2) x (W - 2) out) by Winograd F(4x4, 3x3): the tiles start at
   the input's first pixel instead of one before it, and nothing but the last tiles is padded."""
-  n, h, w, c = x.shape
+  n, h, w, _ = x.shape
   th, tw = _tiles(h - 2, w - 2)
-  m = _WINO_TILE
-  xp = jnp.pad(x, ((0, 0), (0, th * m + 2 - h), (0, tw * m + 2 - w), (0, 0)))
-  vh = jnp.stack([_lincomb(_strided_taps(xp, 1, th), b) for b in _WINO_BT])
-  v = jnp.stack([_lincomb(_strided_taps(vh, 3, tw), b) for b in _WINO_BT], axis=1)
-  mm = _bmm(v.reshape(_WINO_ALPHA ** 2, n * th * tw, c), _wino_kernel(kernel))
+  mm = _bmm(_wino_input(x, th, tw, before=0), _wino_kernel(kernel))
   return _wino_output(mm, n, th, tw, h - 2, w - 2)
 
 

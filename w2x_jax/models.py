@@ -83,10 +83,16 @@ def center(x, height, width):
   return x[:, dy // 2:dy // 2 + height, dx // 2:dx // 2 + width]
 
 
-def _valid_output(body, x, scale, margin, skip_interpolation):
+def _margin(body, skip_interpolation, scale):
+  """LR pixels each side an output pixel reads: the body's layers' and the skip's, whichever reach
+  further (they run in parallel); the skip reads 1 (bilinear) or 2 (bicubic), none at scale 1."""
+  return max(body, _INTERP_RADIUS[skip_interpolation] if scale > 1 else 0)
+
+
+def _valid_output(body, x, scale, body_margin, skip_interpolation):
   """A `valid=True` model's output: the body's and the interpolated input's centre of
   (H - 2 margin) * s x (W - 2 margin) * s pixels, those whose receptive field the input holds."""
-  margin = max(margin, _INTERP_RADIUS[skip_interpolation] if scale > 1 else 0)
+  margin = _margin(body_margin, skip_interpolation, scale)
   size = [(n - 2 * margin) * scale for n in x.shape[1:3]]
   if min(size) <= 0:
     raise ValueError(f'models.py: valid=True needs inputs over {2 * margin} pixels, '
@@ -452,14 +458,13 @@ def receptive_margin(model_cfg):
   HR conv3x3 reaches 1 HR pixel = ceil(1/s) = 1 LR pixel; the skip reads 1 (bilinear) or 2
   (bicubic) LR pixels each side, 0 at scale 1, and runs in parallel, so it counts by max.
   """
-  skip = _INTERP_RADIUS[model_cfg.skip_interpolation] if model_cfg.scale > 1 else 0
   if model_cfg.name == 'dcscn':
     body = model_cfg.layers + 1 + 1 + 1  # features, reconstruction B, upsampler, final HR conv
   elif model_cfg.name == 'espcn_su':
     body = len(model_cfg.filters) + 1  # conv3x3 layers and the upsampler conv
   else:
     raise ValueError(f'models.py: model.name={model_cfg.name!r} must be one of {list(MODEL_NAMES)}')
-  return max(body, skip)
+  return _margin(body, model_cfg.skip_interpolation, model_cfg.scale)
 
 
 def flops_per_output_pixel(model_cfg):
