@@ -51,3 +51,21 @@ def test_timed_calls_alternate_with_the_matmul_probe():
 
   bench._median_seconds(lambda: order.append('call'), 0.0, Probe())
   assert order == ['call', 'matmul'] * 3
+
+
+def test_torch_baseline_has_the_presets_layers():
+  """docs/torch_baseline.py (PyTorch, not a dependency) builds the same layers as the configs and
+  counts the same FLOPs, so its ratios compare with the bench's."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from w2x_jax import models  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).parent.parent / 'docs' / 'torch_baseline.py'
+  spec = importlib.util.spec_from_file_location('torch_baseline', path)
+  baseline = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(baseline)  # imports torch only when run
+  for name, (filters, channels, ra, rb1, rb2, up, activation, skip) in baseline.PRESETS.items():
+    m = bench._preset_config(name, scale=baseline.SCALE).model
+    assert (tuple(models.feature_filters(m)), m.channels, m.recon_a, m.recon_b1, m.recon_b2,
+            m.upsampler_filters, m.activation, m.skip_interpolation, m.final_bias) == (
+                filters, channels, ra, rb1, rb2, up, activation, skip, False)
+    assert baseline.flops_per_output_pixel(name) == models.flops_per_output_pixel(m)
