@@ -53,6 +53,7 @@ def parse_flags(argv):
 def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from w2x_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from w2x_jax import compilation_cache  # pylint: disable=g-import-not-at-top
   from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import data  # pylint: disable=g-import-not-at-top
   from w2x_jax import train  # pylint: disable=g-import-not-at-top
@@ -60,6 +61,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   conv.keep_freed_memory_on_cpu()  # before JAX's backend starts its threads (conv.py)
+  compilation_cache.enable(program='main.py')  # a resumed run skips compiling its step
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.distributed)

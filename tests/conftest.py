@@ -6,6 +6,9 @@ import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The commands' persistent compilation cache stays off (no writes to ~/.cache); its own test turns
+# it on in a temporary folder.
+os.environ['W2X_JAX_CACHE_DIR'] = 'off'
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from w2x_jax import compilation_cache
 from w2x_jax import metrics as metrics_lib
 
 # JPEG qualities used to make the noisy input of each noise level at evaluation (fixed, so runs compare):
@@ -170,6 +171,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   from w2x_jax import data  # pylint: disable=g-import-not-at-top
+  compilation_cache.enable(program='w2x_jax.evaluate')  # each image size compiles once, ever
   try:
     predict, scale, description = make_predictor(args.model, args.tta, args.tile_size)
   except Exception as e:  # pylint: disable=broad-except (a one-line error, never a traceback)

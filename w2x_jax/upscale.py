@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from w2x_jax import compilation_cache
 from w2x_jax import conv
 from w2x_jax import distributed
 from w2x_jax import image_io
@@ -397,6 +398,7 @@ def main(argv=None, load_model_fn=None):
   args = parse_args(argv)
   err = _say
   conv.keep_freed_memory_on_cpu()  # before JAX's backend starts (conv.py)
+  compilation_cache.enable(program=PROG)  # the next call reuses this one's tile functions
   try:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            args.distributed)

@@ -43,6 +43,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 import uvicorn
 
+from w2x_jax import compilation_cache
 from w2x_jax import conv
 from w2x_jax import image_io
 from w2x_jax import inference
@@ -632,6 +633,7 @@ def main(argv=None):
 def _serve(args, say):
   import jax  # pylint: disable=g-import-not-at-top (after the arguments: --help stays quick)
   conv.keep_freed_memory_on_cpu()  # as the upscale command does
+  compilation_cache.enable(program=PROG)
   devices = jax.local_devices()
   say(f'running on {len(devices)} device(s): ' + ', '.join(
       f'{d.platform}:{d.id} ({d.device_kind})' for d in devices))

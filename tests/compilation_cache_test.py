@@ -1,0 +1,85 @@
+"""The commands' persistent compilation cache: where it lives, turned off, unwritable, and a second
+upscale run reading its compiled tile function back instead of compiling it."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from w2x_jax import compilation_cache
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_default_dir_from_the_environment(tmp_path):
+  env = {'HOME': str(tmp_path)}
+  assert compilation_cache.default_dir(env) == pathlib.Path(os.path.expanduser('~'), '.cache',
+                                                            'w2x-jax', 'xla')
+  assert compilation_cache.default_dir({'XDG_CACHE_HOME': '/c'}) == pathlib.Path('/c/w2x-jax/xla')
+  assert compilation_cache.default_dir({'W2X_JAX_CACHE_DIR': '/d', 'XDG_CACHE_HOME': '/c'}) == (
+      pathlib.Path('/d'))
+  for off in ('', 'off', 'OFF', '0'):
+    assert compilation_cache.default_dir({'W2X_JAX_CACHE_DIR': off}) is None
+
+
+def test_unusable_folder_is_one_warning_and_no_cache(tmp_path, capsys):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  assert compilation_cache.enable(blocker / 'cache', program='upscale') is None
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith('upscale: warning: compilation cache')
+  assert str(blocker / 'cache') in err and 'running uncached' in err
+  import jax  # pylint: disable=g-import-not-at-top
+  assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_a_folder_given_to_jax_is_kept(tmp_path):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax'),
+             W2X_JAX_CACHE_DIR=str(tmp_path / 'ours'))
+  out = subprocess.run(
+      [sys.executable, '-c', 'from w2x_jax import compilation_cache as c; print(c.enable())'],
+      cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+  assert out.strip() == str(tmp_path / 'jax')
+
+
+# Runs the upscale command in a fresh process and reports JAX's persistent-cache hits.
+_UPSCALE_COUNTING_HITS = '''
+import json, sys
+import jax
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name == '/jax/compilation_cache/cache_hits' else None)
+from w2x_jax import compilation_cache, upscale
+compilation_cache.MIN_COMPILE_SECONDS = 0  # this tiny image's programs compile in well under 0.5 s
+code = upscale.main(sys.argv[1:])
+print(json.dumps(dict(code=code, hits=len(hits))))
+'''
+
+
+def test_second_upscale_reads_the_compiled_tiles_back(tmp_path):
+  cache = tmp_path / 'cache'
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8)).save(tmp_path / 'in.png')
+  env = dict(os.environ, W2X_JAX_CACHE_DIR=str(cache), JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  results = []
+  for run in ('first', 'second'):
+    out = tmp_path / f'{run}.png'
+    proc = subprocess.run([sys.executable, '-c', _UPSCALE_COUNTING_HITS, '-i', str(tmp_path / 'in.png'),
+                           '-o', str(out), '--quiet'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if run == 'first':
+      entries = sorted(p.name for p in cache.iterdir() if p.name.endswith('-cache'))
+      assert entries, 'the first run wrote no compiled program'
+  assert [r['code'] for r in results] == [0, 0]
+  assert results[0]['hits'] == 0 and results[1]['hits'] >= 1
+  assert sorted(p.name for p in cache.iterdir() if p.name.endswith('-cache')) == entries
+  first = np.asarray(Image.open(tmp_path / 'first.png'))
+  assert np.array_equal(first, np.asarray(Image.open(tmp_path / 'second.png')))
+  assert first.shape == (80, 112, 3)
