@@ -345,3 +345,37 @@ def test_conv2d_valid_in_bfloat16_follows_the_padded_conv():
     got = conv.conv2d_valid(x, kernel, like)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_compiler_options_give_onednn_convolutions_on_x86_cpus_only():
+  assert conv.compiler_options('cpu', 'x86_64') == conv.ONEDNN_CPU_OPTIONS
+  assert conv.compiler_options('cpu', 'AMD64') == conv.ONEDNN_CPU_OPTIONS
+  assert conv.compiler_options('cpu', 'aarch64') == {}
+  assert conv.compiler_options('gpu', 'x86_64') == {}
+  assert conv.compiler_options('tpu', 'x86_64') == {}
+
+
+@pytest.mark.parametrize('preset', ['dcscn_compact', 'espcn_su'])
+def test_onednn_options_give_the_same_values_and_grads(preset):
+  """The models' programs compiled with `conv.compiler_options()` (oneDNN's convolutions on an
+  x86-64 CPU) give XLA's default values and gradients to float rounding."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  cfg = importlib.import_module(f'configs.{preset}').get_config().model
+  if preset == 'espcn_su':
+    cfg.filters = (16, 32)  # its layer kinds, fewer channels: quick to compile
+  model = models.build_model(cfg)
+  x = jnp.asarray(np.random.default_rng(0).random((2, 20, 20, cfg.channels)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+
+  def loss(p):
+    return jnp.mean(model.apply({'params': p}, x) ** 2)
+
+  plain = jax.jit(jax.value_and_grad(loss))
+  options = conv.compiler_options('cpu', 'x86_64')
+  onednn = jax.jit(jax.value_and_grad(loss), compiler_options=options)
+  if jax.default_backend() == 'cpu' and conv.compiler_options():
+    assert '__onednn$convolution' in onednn.lower(params).compile().as_text()
+  (v0, g0), (v1, g1) = plain(params), onednn(params)
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))

@@ -151,6 +151,7 @@ def bench_train(args):
   be well above 1 for the generator never to be the bottleneck.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
   from w2x_jax import train  # pylint: disable=g-import-not-at-top
   rows = []
@@ -167,7 +168,8 @@ def bench_train(args):
     start = time.perf_counter()
     state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0)),
                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    step = jax.jit(train.make_train_step(config), donate_argnums=(0,))
+    step = jax.jit(train.make_train_step(config), donate_argnums=(0,),
+                   compiler_options=conv.compiler_options())
     with data.PatchGenerator(images, config.data, scale=scale, batch_size=batch_size, seed=0) as gen:
       batches = iter(gen)
       ready = [train.shard_batch(next(batches)[1], mesh) for _ in range(2)]
@@ -222,6 +224,7 @@ def bench_infer(args):
   the tiling's overlap."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import inference  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -246,7 +249,8 @@ def bench_infer(args):
     overhead = inference.margin_overhead(config.model, side)
     work = upscaler.num_tiles(args.infer_size, args.infer_size, c) * side ** 2 / args.infer_size ** 2
     # Whole-image forward of 256x256, as the seed's figure (2.9 s for its DCSCN) is measured.
-    forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    forward = jax.jit(lambda p, x: model.apply({'params': p}, x),
+                      compiler_options=conv.compiler_options())
     # The random image's values (np.resize reflows them, repeated where it is smaller), not zeros.
     x = np.ascontiguousarray(np.resize(image, (256, 256, 3))[None, :, :, :c])
     jax.block_until_ready(forward(params, x))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from w2x_jax import conv
 from w2x_jax import models
 
 # LR pixels per tile side, margins included: the largest tile; each image gets it or one of a few
@@ -238,7 +239,7 @@ class Upscaler:
     if key not in self._fns:
       fn = make_tile_fn(self.tile_model, self.model_cfg, channels, tta, out_dtype,
                         self.margin(channels))
-      if self.use_pmap:
+      if self.use_pmap:  # jax.pmap takes no compiler options: XLA's default convolutions
         pfn = jax.pmap(fn, in_axes=(None, 0), devices=self.devices)
         n = len(self.devices)
 
@@ -247,7 +248,8 @@ class Upscaler:
           return out.reshape((-1,) + out.shape[2:])
         self._fns[key] = run
       else:
-        jitted = jax.jit(fn, out_shardings=self._data_sharding)
+        jitted = jax.jit(fn, out_shardings=self._data_sharding,
+                         compiler_options=conv.compiler_options(self.devices[0].platform))
         self._fns[key] = lambda params, batch: jitted(
             params, jax.device_put(batch, self._data_sharding))
     return self._fns[key]
@@ -312,7 +314,8 @@ def upscale_whole(params, model_cfg, image, *, tta=False, model=None):
   margin = tile_margin(model_cfg, c)
   model = model if model is not None else models.build_model(model_cfg)
   padded = np.pad(image, ((margin, margin), (margin, margin), (0, 0)), mode='edge')
-  y = jax.jit(make_tile_fn(model, model_cfg, c, tta, margin=margin))(params, padded[None])
+  y = jax.jit(make_tile_fn(model, model_cfg, c, tta, margin=margin),
+              compiler_options=conv.compiler_options())(params, padded[None])
   return np.asarray(y[0])
 
 

@@ -4,6 +4,7 @@ The loop follows the flax examples: `train_and_evaluate(config, workdir)` builds
 config, resumes from the newest checkpoint in `workdir`, and writes metrics as JSON lines there.
 """
 
+import functools
 import json
 import math
 import os
@@ -201,7 +202,7 @@ class Validator:
     margin = models.receptive_margin(config.model)
     model = models.build_model(config.model)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=conv.compiler_options())
     def predict(params, lr_uint8):
       x = lr_uint8.astype(jnp.float32) / 255.0
       # Edge-replicate by the receptive margin, as tiled inference does.
@@ -409,7 +410,8 @@ def train_and_evaluate(config, workdir, devices=None):
   if start_step:
     logging.info('Resuming from step %d in %s', start_step, workdir)
   train_step = jax.jit(make_train_step(config), out_shardings=(replicated, replicated),
-                       donate_argnums=(0,))
+                       donate_argnums=(0,),
+                       compiler_options=conv.compiler_options(mesh.devices.flat[0].platform))
   validate = Validator(val_images, config)
   log = MetricsLog(workdir, start_step)
   logging.info('Devices: %d (%s), processes: %d, global batch %d', mesh.size,
