@@ -1,5 +1,6 @@
-"""The commands' persistent compilation cache: where it lives, turned off, unwritable, and a second
-upscale run reading its compiled tile function back instead of compiling it."""
+"""The commands' persistent compilation cache: where it lives, turned off (by the user, or where
+the programs use oneDNN's convolutions), unwritable, and a second upscale run reading its compiled
+tile function back instead of compiling it."""
 
 import json
 import os
@@ -26,7 +27,8 @@ def test_default_dir_from_the_environment(tmp_path):
     assert compilation_cache.default_dir({'W2X_JAX_CACHE_DIR': off}) is None
 
 
-def test_unusable_folder_is_one_warning_and_no_cache(tmp_path, capsys):
+def test_unusable_folder_is_one_warning_and_no_cache(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(compilation_cache.conv, 'compiler_options', lambda *args, **kwargs: {})
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
   assert compilation_cache.enable(blocker / 'cache', program='upscale') is None
@@ -35,6 +37,19 @@ def test_unusable_folder_is_one_warning_and_no_cache(tmp_path, capsys):
   assert str(blocker / 'cache') in err and 'running uncached' in err
   import jax  # pylint: disable=g-import-not-at-top
   assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_off_where_the_programs_use_onednn(tmp_path, monkeypatch, capsys):
+  """x86-64 CPUs: XLA cannot serialize oneDNN's convolutions, and those win over the cache."""
+  monkeypatch.setattr(compilation_cache.conv, 'runs_on_cpu_only', lambda: True)
+  monkeypatch.setattr(compilation_cache.conv.platform_lib, 'machine', lambda: 'x86_64')
+  assert compilation_cache.enable(tmp_path / 'cache') is None
+  assert not (tmp_path / 'cache').exists()
+  monkeypatch.setattr(compilation_cache.conv.platform_lib, 'machine', lambda: 'aarch64')
+  blocker = tmp_path / 'a_file'  # past the oneDNN check: the folder is tried (and fails here)
+  blocker.write_text('')
+  assert compilation_cache.enable(blocker / 'cache') is None
+  assert 'compilation cache' in capsys.readouterr().err
 
 
 def test_a_folder_given_to_jax_is_kept(tmp_path):
@@ -53,8 +68,10 @@ import jax
 hits = []
 jax.monitoring.register_event_listener(
     lambda name, **kw: hits.append(name) if name == '/jax/compilation_cache/cache_hits' else None)
-from w2x_jax import compilation_cache, upscale
+from w2x_jax import compilation_cache, conv, upscale
 compilation_cache.MIN_COMPILE_SECONDS = 0  # this tiny image's programs compile in well under 0.5 s
+# As on a GPU or a non-x86 CPU: programs without oneDNN's convolutions, which XLA can serialize.
+conv.compiler_options = lambda *args, **kwargs: {}
 code = upscale.main(sys.argv[1:])
 print(json.dumps(dict(code=code, hits=len(hits))))
 '''
