@@ -41,6 +41,28 @@ def test_bench_dtypes_and_batch(tmp_path):
   assert all(r['matmul_gflops'] > 0 and r['of_peak'] == r['gflops'] / r['matmul_gflops'] for r in rows)
 
 
+def test_bench_layers_times_every_convolution_of_the_model(tmp_path):
+  """`layers` has one row per convolution the model calls (recorded from the model itself) and an
+  `all layers` row whose ratios use the model's FLOPs over the summed times."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from w2x_jax import models  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'layers.json'
+  assert bench.main(['layers', '--seconds', '0', '--presets', 'test', '--patch-size', '12',
+                     '--train-batch', '2', '--json', str(out)]) == 0
+  rows = json.loads(out.read_text())['rows']
+  model_cfg = test_config.get_config('noise=2,scale=2').model
+  calls, _ = bench.model_convolutions(model_cfg, 2, 12)
+  *layers, total = rows
+  assert [(r['x'], r['kernel']) for r in layers] == [
+      ('x'.join(map(str, x)), 'x'.join(map(str, k))) for x, k in calls]
+  assert calls[0][0] == (2, 12, 12, model_cfg.channels) and len(calls) >= 3
+  assert all(r['fwd_s'] > 0 and r['train_s'] > 0 and r['train_of_peak'] > 0 for r in layers)
+  assert total['layer'] == 'all layers'
+  assert total['train_s'] == sum(r['train_s'] for r in layers)
+  flops = models.flops_per_output_pixel(model_cfg) * 24 ** 2 * 2
+  assert abs(total['train_of_peak'] - 3 * flops / total['train_s'] / 1e9 / total['matmul_gflops']) < 1e-9
+
+
 def test_timed_calls_alternate_with_the_matmul_probe():
   """The peak a row is divided by is sampled between its own calls, not once per run."""
   order = []

@@ -1,4 +1,4 @@
-"""Throughput benchmarks: `python -m w2x_jax.bench [data|train|infer|memory|all ...] [--json FILE] [--data-dir DIR]`.
+"""Throughput benchmarks: `python -m w2x_jax.bench [data|train|infer|layers|memory|all ...] [--json FILE] [--data-dir DIR]`.
 
 `--dtypes float32 bfloat16` measures train and infer in each compute dtype (params stay float32),
 each against the GFLOP/s of a large matmul of the same dtype timed between the row's own calls.
@@ -267,6 +267,82 @@ def bench_infer(args):
   return rows
 
 
+def model_convolutions(model_cfg, batch, side):
+  """[(x shape, kernel shape)] of every convolution one forward pass of `model_cfg`'s model makes on
+  `batch` patches of side x side, in call order, and the conv function that runs them: recorded
+  by tracing the model with a conv_fn that notes its arguments, so the list is the model's own
+  (DCSCN's reconstruction split per feature layer, its final conv at low resolution)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
+  from w2x_jax import models  # pylint: disable=g-import-not-at-top
+  conv_fn = conv.get_conv_fn(model_cfg.get('conv', 'auto'))
+  calls = []
+
+  def recording_conv(x, kernel):
+    calls.append((x.shape, kernel.shape))
+    return conv_fn(x, kernel)
+
+  model = models.build_model(model_cfg, conv_fn=recording_conv)
+  x = jax.ShapeDtypeStruct((batch, side, side, model_cfg.channels), model_cfg.get('dtype', 'float32'))
+  jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+  return calls, conv_fn
+
+
+def bench_layers(args):
+  """Each convolution of the train step alone, jitted as the step compiles it (same conv function,
+  same compiler options), on the train batch: its forward, and its forward plus backward (the
+  input's and kernel's gradients; the kernel's alone for the first, which reads the image).
+
+  The `all layers` row sums them: the model's FLOPs (as `train` counts them) over that sum bound
+  what the whole step or a forward can reach with these convolutions, were the activations, the
+  loss and the optimizer free."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from w2x_jax import conv  # pylint: disable=g-import-not-at-top
+  from w2x_jax import models  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rows, side, batch = [], args.patch_size, args.train_batch
+  for name, dtype in _preset_runs(args):
+    probe = _matmul_probe(args, dtype)
+    config = _preset_config(name, dtype=dtype)
+    calls, conv_fn = model_convolutions(config.model, batch, side)
+    forward = jax.jit(conv_fn, compiler_options=conv.compiler_options())
+
+    def train(x, kernel, dy, image=False):
+      y, vjp = jax.vjp(conv_fn, x, kernel)
+      dx, dk = vjp(dy.astype(y.dtype))
+      return (y, dk) if image else (y, dx, dk)
+
+    train = jax.jit(train, static_argnames='image', compiler_options=conv.compiler_options())
+    sums = dict(fwd_s=0.0, train_s=0.0)
+    for i, (x_shape, k_shape) in enumerate(calls):
+      x = rng.standard_normal(x_shape).astype(dtype)
+      kernel = (rng.standard_normal(k_shape) / np.sqrt(np.prod(k_shape[:3]))).astype(dtype)
+      dy = rng.standard_normal(x_shape[:3] + k_shape[3:]).astype(np.float32)
+      fwd_s = _median_seconds(lambda: jax.block_until_ready(forward(x, kernel)), args.seconds, probe)
+      train_s = _median_seconds(lambda: jax.block_until_ready(train(x, kernel, dy, image=i == 0)),
+                                args.seconds, probe)
+      flops = 2.0 * np.prod(x_shape[:3]) * np.prod(k_shape)
+      sums['fwd_s'] += fwd_s
+      sums['train_s'] += train_s
+      rows.append(dict(bench='layers', model=name, dtype=dtype, layer=str(i),
+                       x='x'.join(map(str, x_shape)), kernel='x'.join(map(str, k_shape)),
+                       fwd_s=fwd_s, fwd_gflops=flops / fwd_s / 1e9,
+                       train_s=train_s, train_gflops=(2 if i == 0 else 3) * flops / train_s / 1e9))
+    peak = probe.gflops()
+    for row in rows[len(rows) - len(calls):]:
+      row.update(fwd_of_peak=row['fwd_gflops'] / peak, train_of_peak=row['train_gflops'] / peak)
+    # The model's FLOPs as `train` and `infer` count them (the final conv at high resolution).
+    flops = models.flops_per_output_pixel(config.model) * (side * config.model.scale) ** 2 * batch
+    rows.append(dict(bench='layers', model=name, dtype=dtype, layer='all layers', x=f'{batch}x{side}x{side}',
+                     kernel=f'{len(calls)} convs', fwd_s=sums['fwd_s'],
+                     fwd_gflops=flops / sums['fwd_s'] / 1e9, train_s=sums['train_s'],
+                     train_gflops=3 * flops / sums['train_s'] / 1e9,
+                     fwd_of_peak=flops / sums['fwd_s'] / 1e9 / peak,
+                     train_of_peak=3 * flops / sums['train_s'] / 1e9 / peak, matmul_gflops=peak))
+  return rows
+
+
 def _median_seconds(fn, seconds, probe=None, min_calls=3):
   """Median seconds per call of fn() over `seconds` (at least `min_calls` calls), with a probe
   matmul (`_MatmulProbe`) after each call if given."""
@@ -315,8 +391,9 @@ def bench_memory(args):
                peak_rss_gb=peak_kb / 2 ** 20, output_buffer_gb=(2 * side) ** 2 * 3 / 2 ** 30, seconds=elapsed)]
 
 
-BENCHMARKS = {'data': bench_data, 'train': bench_train, 'infer': bench_infer, 'memory': bench_memory}
-ALL = ('data', 'train', 'infer')  # `all`; memory takes minutes, so it is asked for by name
+BENCHMARKS = {'data': bench_data, 'train': bench_train, 'infer': bench_infer, 'layers': bench_layers,
+              'memory': bench_memory}
+ALL = ('data', 'train', 'infer')  # `all`; layers and memory take minutes, so they are asked for by name
 
 
 def _cell(value):
@@ -362,7 +439,7 @@ def parse_args(argv):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   names = list(dict.fromkeys(n for w in args.which for n in (ALL if w == 'all' else [w])))
-  if 'train' in names or 'infer' in names:
+  if {'train', 'infer', 'layers'} & set(names):
     from w2x_jax import conv  # pylint: disable=g-import-not-at-top
     conv.keep_freed_memory_on_cpu()  # as main.py and the upscale command: before JAX's backend
   rows = []
