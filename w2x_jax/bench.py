@@ -308,13 +308,13 @@ def bench_layers(args):
     calls, conv_fn = model_convolutions(config.model, batch, side)
     forward = jax.jit(conv_fn, compiler_options=conv.compiler_options())
 
-    def train(x, kernel, dy, image=False):
+    def forward_and_grads(x, kernel, dy, image=False):
       y, vjp = jax.vjp(conv_fn, x, kernel)
       dx, dk = vjp(dy.astype(y.dtype))
       return (y, dk) if image else (y, dx, dk)
 
-    train = jax.jit(train, static_argnames='image', compiler_options=conv.compiler_options())
-    sums = dict(fwd_s=0.0, train_s=0.0)
+    train = jax.jit(forward_and_grads, static_argnames='image', compiler_options=conv.compiler_options())
+    layers = []
     for i, (x_shape, k_shape) in enumerate(calls):
       x = rng.standard_normal(x_shape).astype(dtype)
       kernel = (rng.standard_normal(k_shape) / np.sqrt(np.prod(k_shape[:3]))).astype(dtype)
@@ -323,23 +323,20 @@ def bench_layers(args):
       train_s = _median_seconds(lambda: jax.block_until_ready(train(x, kernel, dy, image=i == 0)),
                                 args.seconds, probe)
       flops = 2.0 * np.prod(x_shape[:3]) * np.prod(k_shape)
-      sums['fwd_s'] += fwd_s
-      sums['train_s'] += train_s
-      rows.append(dict(bench='layers', model=name, dtype=dtype, layer=str(i),
-                       x='x'.join(map(str, x_shape)), kernel='x'.join(map(str, k_shape)),
-                       fwd_s=fwd_s, fwd_gflops=flops / fwd_s / 1e9,
-                       train_s=train_s, train_gflops=(2 if i == 0 else 3) * flops / train_s / 1e9))
-    peak = probe.gflops()
-    for row in rows[len(rows) - len(calls):]:
-      row.update(fwd_of_peak=row['fwd_gflops'] / peak, train_of_peak=row['train_gflops'] / peak)
+      layers.append((dict(layer=str(i), x='x'.join(map(str, x_shape)), kernel='x'.join(map(str, k_shape)),
+                          fwd_s=fwd_s, train_s=train_s), flops, (2 if i == 0 else 3) * flops))
     # The model's FLOPs as `train` and `infer` count them (the final conv at high resolution).
     flops = models.flops_per_output_pixel(config.model) * (side * config.model.scale) ** 2 * batch
-    rows.append(dict(bench='layers', model=name, dtype=dtype, layer='all layers', x=f'{batch}x{side}x{side}',
-                     kernel=f'{len(calls)} convs', fwd_s=sums['fwd_s'],
-                     fwd_gflops=flops / sums['fwd_s'] / 1e9, train_s=sums['train_s'],
-                     train_gflops=3 * flops / sums['train_s'] / 1e9,
-                     fwd_of_peak=flops / sums['fwd_s'] / 1e9 / peak,
-                     train_of_peak=3 * flops / sums['train_s'] / 1e9 / peak, matmul_gflops=peak))
+    total = dict(layer='all layers', x=f'{batch}x{side}x{side}', kernel=f'{len(calls)} convs',
+                 fwd_s=sum(r['fwd_s'] for r, _, _ in layers),
+                 train_s=sum(r['train_s'] for r, _, _ in layers))
+    peak = probe.gflops()
+    for row, fwd_flops, train_flops in layers + [(total, flops, 3 * flops)]:
+      fwd_gflops, train_gflops = fwd_flops / row['fwd_s'] / 1e9, train_flops / row['train_s'] / 1e9
+      rows.append(dict(bench='layers', model=name, dtype=dtype, **row, fwd_gflops=fwd_gflops,
+                       train_gflops=train_gflops, fwd_of_peak=fwd_gflops / peak,
+                       train_of_peak=train_gflops / peak))
+    rows[-1]['matmul_gflops'] = peak
   return rows
 
 
