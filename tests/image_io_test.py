@@ -1,6 +1,7 @@
 """image_io: a round trip for each image mode (mode, size, alpha, ICC, EXIF, 16 bits), atomic
 writes, clear errors."""
 
+import io
 import os
 import struct
 import zlib
@@ -46,7 +47,9 @@ def test_8bit_round_trip_keeps_mode_size_alpha_icc(tmp_path, mode):
   out = tmp_path / 'out.png'
   image_io.write_image(out, image, info)
   with Image.open(out) as im:
-    assert (im.mode, im.size, im.info.get('icc_profile')) == (mode, (7, 5), SRGB_ICC)
+    # An RGB profile describes no gray image (PNG forbids it there): dropped, not copied.
+    icc = SRGB_ICC if channels in (3, 4) else None
+    assert (im.mode, im.size, im.info.get('icc_profile')) == (mode, (7, 5), icc)
     np.testing.assert_array_equal(np.asarray(im).reshape(5, 7, channels), data)
 
 
@@ -110,7 +113,8 @@ def test_16bit_colour_round_trip(tmp_path, colour_type, channels):
   out = tmp_path / 'out.png'
   image_io.write_image(out, image, image_io.ImageInfo(info.mode, channels, 16, SRGB_ICC, 'PNG'))
   back, back_info = image_io.read_image(out)
-  assert back_info.bit_depth == 16 and back_info.icc_profile == SRGB_ICC
+  # (an RGB profile on gray + alpha is dropped: PNG allows only a Gray one there)
+  assert back_info.bit_depth == 16 and back_info.icc_profile == (SRGB_ICC if channels > 2 else None)
   np.testing.assert_array_equal(image_io.to_uint(back, 16), data)
   with Image.open(out) as im:  # Pillow (8 bits) reads our file too: the high bytes
     assert im.size == (9, 5)
@@ -185,6 +189,55 @@ def test_jpeg_icc_and_alpha_refused(tmp_path):
     assert (im.format, im.mode, im.info.get('icc_profile')) == ('JPEG', 'RGB', SRGB_ICC)
   gray = image_io.composite(image[..., 2:], (1.0, 1.0, 1.0))
   assert gray.shape == (8, 8, 1)
+
+
+def _gray_icc():
+  """A minimal ICC v2 Gray profile (a grayscale scan's): a D50 white point and a gamma-1 curve."""
+  def s15(v):
+    return struct.pack('>i', round(v * 65536))
+  white = s15(0.9642) + s15(1.0) + s15(0.8249)
+  tags = [(b'wtpt', b'XYZ ' + bytes(4) + white), (b'kTRC', b'curv' + bytes(8))]
+  offset = 128 + 4 + 12 * len(tags)
+  table, body = struct.pack('>I', len(tags)), b''
+  for sig, data in tags:
+    table += sig + struct.pack('>II', offset + len(body), len(data))
+    body += data + bytes(-len(data) % 4)
+  header = (struct.pack('>I', offset + len(body)) + bytes(4) + struct.pack('>I', 0x02100000)
+            + b'mntrGRAYXYZ ' + bytes(12) + b'acsp' + bytes(24) + white)
+  return header + bytes(128 - len(header)) + table + body
+
+
+def test_icc_profile_kept_only_for_its_colour_space(tmp_path):
+  gray_icc = _gray_icc()
+  assert ImageCms.ImageCmsProfile(io.BytesIO(gray_icc)).profile.xcolor_space == 'GRAY'
+  gray = np.zeros((4, 5, 1), np.float32)
+  lab_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile('LAB')).tobytes()
+  for name, image, icc, kept in [
+      ('gray.png', gray, gray_icc, True),
+      ('gray.jpg', gray, gray_icc, True),
+      ('gray.webp', gray, gray_icc, False),  # WebP stores RGB: a Gray profile would not fit it
+      ('rgb.png', np.zeros((4, 5, 3)), gray_icc, False),
+      ('lab.png', np.zeros((4, 5, 3)), lab_icc, False),  # a Lab TIFF's profile on its RGB
+      ('bad.png', np.zeros((4, 5, 3)), b'not a profile', False)]:
+    image_io.write_image(tmp_path / name, image, image_io.ImageInfo('L', 1, 8, icc))
+    with Image.open(tmp_path / name) as im:
+      assert im.info.get('icc_profile') == (icc if kept else None), name
+
+
+def test_float_image_read(tmp_path):
+  """32-bit float images (PFM, float TIFF): Pillow hands back a read-only buffer."""
+  data = np.linspace(-0.5, 1.5, 1200, dtype=np.float32).reshape(30, 40)
+  Image.fromarray(data).save(tmp_path / 'f.tif')
+  image, info = image_io.read_image(tmp_path / 'f.tif')
+  assert image.shape == (30, 40, 1) and info.bit_depth == 16
+  np.testing.assert_allclose(image[..., 0], np.clip(data, 0, 1))
+
+
+def test_long_file_name_written(tmp_path):
+  """80 CJK characters are 240 bytes: the temporary file beside it must not pass 255."""
+  name = '\u7d75' * 80 + '.png'
+  image_io.write_image(tmp_path / name, np.zeros((2, 2, 3)))
+  assert os.listdir(tmp_path) == [name]
 
 
 def test_atomic_write_keeps_old_file_and_leaves_no_temp(tmp_path):

@@ -2,6 +2,7 @@
 overwrite, exit codes, model choice per -n/-s, modes kept, JPEG and alpha, missing shipped model."""
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -60,9 +61,15 @@ def test_single_file_device_line_and_progress(tmp_path, capsys, model_dirs, monk
   monkeypatch.setattr(conv, 'keep_freed_memory_on_cpu', lambda: kept.append(1))
   _png(tmp_path / 'a.png', (6, 9, 3), icc_profile=SRGB_ICC)
   _png(tmp_path / 'big.png', (70, 90, 3))  # 4 x 5 tiles of 20 + margins: a tile bar too
+  # stderr redirected to a file (capsys: not a terminal): no bars, the lines only.
+  code, out, err = _run(capsys, '-i', tmp_path / 'big.png', '-o', tmp_path / 'log.png', '-m',
+                        model_dirs['2x'], *FAST)
+  assert code == 0 and '\r' not in err and 'tile/s' not in err and '1/1' not in err
+  assert 'running on 4 device(s)' in err
+  monkeypatch.setattr(sys.stderr, 'isatty', lambda: True, raising=False)  # a terminal: bars
   code, out, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '-m',
                         model_dirs['2x'], *FAST)
-  assert code == 0 and kept == [1]
+  assert code == 0 and kept == [1, 1]
   assert out.strip() == '1 done, 0 skipped, 0 failed'
   assert err.count('running on 4 device(s)') == 1
   assert '1/1' in err and 'file' in err and 'tile/s' not in err  # no tile bar for a small image
@@ -284,3 +291,32 @@ def test_4x_and_denoise_only_with_shipped_models(tmp_path, capsys):
   code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'x1.png', '-s', '1', '-n', '3', '--quiet')
   assert code == 0, err
   assert Image.open(tmp_path / 'x1.png').size == (12, 10)
+
+
+def test_list_with_bom_bad_tile_size_and_output_too_large(tmp_path, capsys, model_dirs,
+                                                         monkeypatch):
+  # A list saved by Notepad: a byte-order mark and CRLF lines.
+  _png(tmp_path / 'p' / 'one.png', (3, 5, 3))
+  _png(tmp_path / 'p' / 'two.png', (4, 5, 3))
+  (tmp_path / 'list.txt').write_bytes('\ufeffp/one.png\r\n# note\r\np/two.png\r\n'.encode())
+  code, out, _ = _run(capsys, '-i', tmp_path / 'list.txt', '-o', tmp_path / 'o', '-m',
+                      model_dirs['2x'], '--quiet', *FAST)
+  assert (code, out.strip()) == (0, '2 done, 0 skipped, 0 failed')
+  # A tile size the model's margin does not fit: one line for the run, not one per file.
+  margin = upscale.inference.tile_margin(upscale.load_model(model_dirs['2x'])[2].model, 3)
+  code, out, err = _run(capsys, '-i', tmp_path / 'p', '-o', tmp_path / 'o2', '-m',
+                        model_dirs['2x'], '--quiet', '--tile-size', str(2 * margin))
+  assert code == 1 and not os.path.exists(tmp_path / 'o2')
+  assert err.count('must exceed twice') == 1 and f'at least {2 * margin + 1}' in err
+  # An output larger than WebP can store fails before any pass runs; the other file goes on.
+  Image.fromarray(np.zeros((2, 9000, 3), np.uint8)).save(tmp_path / 'p' / 'wide.png')
+  ran = []
+  real = upscale.inference.upscale_image
+  monkeypatch.setattr(upscale.inference, 'upscale_image',
+                      lambda upscaler, image, **kw: ran.append(image.shape) or real(upscaler, image, **kw))
+  code, out, err = _run(capsys, '-i', tmp_path / 'p', '-o', tmp_path / 'o3', '-m',
+                        model_dirs['2x'], '--quiet', '-f', 'webp', *FAST)
+  assert (code, out.strip()) == (1, '2 done, 0 skipped, 1 failed')
+  assert 'wide.png: the output would be 18000x4, over the 16383 pixels per side that webp' in err
+  assert all(shape[1] != 9000 for shape in ran) and len(ran) == 2
+  assert sorted(os.listdir(tmp_path / 'o3')) == ['one.webp', 'two.webp']

@@ -30,6 +30,8 @@ from PIL import Image, ImageCms, ImageColor, ImageOps
 
 FORMATS = {'png': 'PNG', 'webp': 'WEBP', 'jpeg': 'JPEG'}
 SUFFIXES = {'png': '.png', 'webp': '.webp', 'jpeg': '.jpg'}
+# The largest side each format can store (WebP's 14-bit sizes, JPEG's 16-bit; PNG's 2^31 - 1).
+MAX_SIDES = {'png': 2 ** 31 - 1, 'webp': 16383, 'jpeg': 65535}
 _SUFFIX_FORMATS = {'.png': 'png', '.webp': 'webp', '.jpg': 'jpeg', '.jpeg': 'jpeg'}
 DEFAULT_QUALITY = 90
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -131,7 +133,7 @@ def _cmyk_to_rgb(im):
 
 
 def _to_float(data, maxval):
-  out = np.asarray(data, np.float32)
+  out = np.array(data, np.float32)  # a copy: Pillow's float32 buffers are read-only
   out *= np.float32(1.0 / maxval)
   return out if out.ndim == 3 else out[..., None]
 
@@ -242,7 +244,9 @@ def atomic_write(path, save):
   temporary file is removed on any failure, so `path` is never left partial."""
   path = os.fspath(path)
   directory, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(directory, f'.{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp')
+  # A short name of its own: `name` plus a suffix could pass the file system's 255-byte limit
+  # (80 CJK characters are 240 bytes in UTF-8).
+  tmp = os.path.join(directory, f'.w2x-{os.getpid()}-{secrets.token_hex(4)}.tmp')
   try:
     # os.open, not mkstemp: the file gets the usual permissions (0666 less the umask), not 0600.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -259,10 +263,24 @@ def atomic_write(path, save):
     raise
 
 
+def _icc_for(icc, colour_space):
+  """`icc` if it describes `colour_space` ('RGB ' or 'GRAY', as ICC spells them), else None: a
+  grayscale scan's Gray profile on a WebP (always RGB), or a Lab TIFF's profile on its RGB
+  conversion, would make colour-managed viewers reject the file or shift its colours."""
+  if not icc:
+    return None
+  try:
+    space = ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.xcolor_space
+  except (ImageCms.PyCMSError, OSError, ValueError):
+    return None  # unreadable: not worth embedding
+  return icc if space == colour_space else None
+
+
 def write_image(path, image, info=None, format=None, quality=None):
   """Writes HxWxC (float in [0, 1], uint8 or uint16) as PNG, WebP or JPEG (`format`, else from
   the suffix), atomically. 16 bits when the array is uint16 (or float with info.bit_depth 16) and
-  the format is PNG; the ICC profile of `info` is embedded. Raises ImageError."""
+  the format is PNG; the ICC profile of `info` is embedded where it describes the written colour
+  space (RGB or gray). Raises ImageError."""
   path = os.fspath(path)
   fmt = output_format(path, format)
   image = np.asarray(image)
@@ -275,7 +293,9 @@ def write_image(path, image, info=None, format=None, quality=None):
   bits16 = fmt == 'png' and (image.dtype == np.uint16 or (
       image.dtype.kind == 'f' and info is not None and info.bit_depth == 16))
   data = to_uint(image, 16 if bits16 else 8)
-  icc = info.icc_profile if info is not None else None
+  # WebP stores RGB only: Pillow converts gray to it.
+  written_space = 'GRAY' if c in (1, 2) and fmt != 'webp' else 'RGB '
+  icc = _icc_for(info.icc_profile if info is not None else None, written_space)
   quality = DEFAULT_QUALITY if quality is None else int(quality)
 
   def save(f):

@@ -124,7 +124,7 @@ def list_jobs(input_path, output, fmt):
   if os.path.splitext(input_path)[1].lower() in LIST_SUFFIXES and os.path.isfile(input_path):
     base = os.path.dirname(input_path)
     jobs = []
-    with open(input_path, encoding='utf-8') as f:
+    with open(input_path, encoding='utf-8-sig') as f:  # -sig: a BOM (Notepad) is not a path
       for line in f:
         line = line.strip()
         if line and not line.startswith('#'):
@@ -186,11 +186,14 @@ class Runner:
   def upscaler(self, key):
     if key not in self._upscalers:
       model, params, config = self.load_fn(key)
-      upscaler = self._upscalers[key] = inference.Upscaler(
-          params, config.model, model=model, tile_size=self.args.tile_size,
-          batch_size=self.args.batch_size)
+      upscaler = inference.Upscaler(params, config.model, model=model,
+                                    tile_size=self.args.tile_size, batch_size=self.args.batch_size)
+      margin = upscaler.margin(3)  # an RGB image's (a Y-only model adds the chroma's)
+      if upscaler.tile_size <= 2 * margin:  # once for the run, not once per file
+        raise ModelError(f'model {key}: --tile-size {upscaler.tile_size} must exceed twice its '
+                         f'margin ({margin}): at least {2 * margin + 1}')
+      self._upscalers[key] = upscaler
       if not self.args.quiet:
-        margin = upscaler.margin(config.model.channels)
         overhead = inference.margin_overhead(config.model, upscaler.tile_size)
         _say(f'{PROG}: model {key}: tiles of up to {upscaler.tile_size} px overlapping by {margin} px, '
             f'{overhead:.0%} of their input pixels on the overlap '
@@ -247,9 +250,9 @@ class _TileBar:
   def __call__(self, done, total):
     if self.quiet or total < TILE_BAR_MIN:
       return
-    if self.bar is None:
+    if self.bar is None:  # disable=None: no bar where stderr is not a terminal (a log file)
       self.bar = tqdm.tqdm(total=total, desc=self.desc, unit='tile', leave=False, position=1,
-                           file=sys.stderr, dynamic_ncols=True)
+                           file=sys.stderr, dynamic_ncols=True, disable=None)
     self.bar.update(done - self.bar.n)
 
   def close(self):
@@ -276,6 +279,14 @@ def upscale_loaded(image, info, fmt, runner, args, name, pass_progress=None):
     raise JobError(f'{name}: has alpha, which JPEG cannot store; use -f png or webp, or '
                    '--background COLOR to composite it')
   keys, target = runner.passes(image.shape[0], image.shape[1])
+  height, width = image.shape[:2]
+  for key in keys:
+    height, width = height * runner.upscaler(key).scale, width * runner.upscaler(key).scale
+  height, width = target or (height, width)
+  if max(height, width) > image_io.MAX_SIDES[fmt]:  # before the passes, not after their work
+    raise JobError(f'{name}: the output would be {width}x{height}, over the '
+                   f'{image_io.MAX_SIDES[fmt]} pixels per side that {fmt} can store; choose '
+                   'another format (-f png) or a smaller --width/--height')
   out_dtype = image_io.output_dtype(info, fmt)
   for i, key in enumerate(keys):
     last = i == len(keys) - 1 and target is None
@@ -351,7 +362,8 @@ def parse_args(argv=None):
   p.add_argument('-m', '--model', help='a shipped model name or a checkpoint folder; it does every '
                  'pass')
   p.add_argument('--tile-size', type=_positive, default=inference.DEFAULT_TILE_SIZE,
-                 help='tile side in input pixels, margins included (default %(default)s)')
+                 help='tile side in input pixels, margins included (default %(default)s; more '
+                 'than twice the model\'s margin, which the run prints)')
   p.add_argument('--batch-size', type=_positive, default=None,
                  help='tiles per step, rounded up to a multiple of the devices (default: one '
                  'per device)')
@@ -440,7 +452,9 @@ def main(argv=None, load_model_fn=None):
   runner = Runner(args, load_model_fn or load_model)
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
   fatal = False
-  bar = tqdm.tqdm(jobs, unit='file', disable=not show, file=sys.stderr, dynamic_ncols=True)
+  # disable=None: tqdm draws nothing where stderr is not a terminal (redirected to a log file).
+  bar = tqdm.tqdm(jobs, unit='file', disable=None if show else True, file=sys.stderr,
+                  dynamic_ncols=True)
   try:
     for i, (src, dst) in bar:
       try:
