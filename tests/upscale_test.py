@@ -236,6 +236,10 @@ def test_jpeg_alpha_refused_or_composited_and_bad_args(tmp_path, capsys, model_d
     assert np.asarray(im)[0, 0].min() > 240  # transparent corner over white
   code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'a.bmp', '--quiet')
   assert code == 2 and 'output format' in err
+  # -f against the output's own suffix: JPEG bytes in a .png file would mislead every viewer.
+  code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '-f', 'jpg')
+  assert code == 2 and 'b.png: its suffix says png but -f says jpeg' in err
+  assert not os.path.exists(tmp_path / 'b.png')
   with pytest.raises(SystemExit) as e:
     upscale.main(['-i', 'x', '-o', 'y', '-s', '3'])
   assert e.value.code == 2
@@ -302,6 +306,12 @@ def test_list_with_bom_bad_tile_size_and_output_too_large(tmp_path, capsys, mode
   code, out, _ = _run(capsys, '-i', tmp_path / 'list.txt', '-o', tmp_path / 'o', '-m',
                       model_dirs['2x'], '--quiet', *FAST)
   assert (code, out.strip()) == (0, '2 done, 0 skipped, 0 failed')
+  # An empty folder: a hint, nothing to fail.
+  os.makedirs(tmp_path / 'empty')
+  (tmp_path / 'empty' / 'notes.heic').write_bytes(b'')
+  code, out, err = _run(capsys, '-i', tmp_path / 'empty', '-o', tmp_path / 'o', '-m',
+                        model_dirs['2x'])
+  assert (code, out.strip()) == (0, '0 done, 0 skipped, 0 failed') and 'no images in' in err
   # A tile size the model's margin does not fit: one line for the run, not one per file.
   margin = upscale.inference.tile_margin(upscale.load_model(model_dirs['2x'])[2].model, 3)
   code, out, err = _run(capsys, '-i', tmp_path / 'p', '-o', tmp_path / 'o2', '-m',

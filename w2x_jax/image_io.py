@@ -32,7 +32,7 @@ FORMATS = {'png': 'PNG', 'webp': 'WEBP', 'jpeg': 'JPEG'}
 SUFFIXES = {'png': '.png', 'webp': '.webp', 'jpeg': '.jpg'}
 # The largest side each format can store (WebP's 14-bit sizes, JPEG's 16-bit; PNG's 2^31 - 1).
 MAX_SIDES = {'png': 2 ** 31 - 1, 'webp': 16383, 'jpeg': 65535}
-_SUFFIX_FORMATS = {'.png': 'png', '.webp': 'webp', '.jpg': 'jpeg', '.jpeg': 'jpeg'}
+SUFFIX_FORMATS = {'.png': 'png', '.webp': 'webp', '.jpg': 'jpeg', '.jpeg': 'jpeg'}
 DEFAULT_QUALITY = 90
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 _PNG16_COLOUR_TYPES = {2: 'RGB;16', 4: 'LA;16', 6: 'RGBA;16'}  # 16-bit ones Pillow reads as 8-bit
@@ -72,10 +72,10 @@ def output_format(path, format=None):
       raise ImageError(f'{path}: unknown output format {format!r} (png, webp or jpeg)')
     return fmt
   suffix = os.path.splitext(path)[1].lower()
-  if suffix not in _SUFFIX_FORMATS:
+  if suffix not in SUFFIX_FORMATS:
     raise ImageError(f'{path}: cannot tell the output format from {suffix or "no suffix"!r} '
                      '(use .png, .webp, .jpg or a format option)')
-  return _SUFFIX_FORMATS[suffix]
+  return SUFFIX_FORMATS[suffix]
 
 
 def output_dtype(info, format):

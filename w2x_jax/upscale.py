@@ -396,7 +396,12 @@ def parse_args(argv=None):
 def _job_format(args, single_output):
   """The output format; for a single image written to a named file, its suffix may choose."""
   if args.format:
-    return image_io.output_format('', args.format)
+    fmt = image_io.output_format('', args.format)
+    suffix = os.path.splitext(single_output or '')[1].lower()
+    if suffix in image_io.SUFFIX_FORMATS and image_io.SUFFIX_FORMATS[suffix] != fmt:
+      raise image_io.ImageError(f'{single_output}: its suffix says {image_io.SUFFIX_FORMATS[suffix]}'
+                                f' but -f says {fmt}; one of them must change')
+    return fmt
   if single_output is not None:
     suffix = os.path.splitext(single_output)[1].lower()
     if suffix:
@@ -427,6 +432,8 @@ def main(argv=None, load_model_fn=None):
     err(f'{PROG}: {e}')
     return 2
   all_jobs = list_jobs(args.input, args.output, fmt)
+  if not all_jobs and not args.quiet and jax.process_index() == 0:
+    err(f'{PROG}: no images in {args.input} (suffixes Pillow reads, hidden files skipped)')
   # Two inputs with one output: the later one fails (decided over the whole list, so that it does
   # not depend on which process gets which file).
   seen, clashes = {}, {}
