@@ -45,7 +45,11 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f'main.py: error: {e}\nPass --helpfull to see the flags.')
+    message = str(e)
+    if 'Traceback (most recent call last)' in message:  # a config file's own error: its last line
+      lines = [line for line in message.splitlines() if line.strip()]
+      message = f'{lines[0]} {lines[-1]}'
+    sys.exit(f'main.py: error: {message}\nPass --helpfull to see the flags.')
   except (KeyError, ValueError, TypeError, AttributeError) as e:
     sys.exit(f'main.py: error: bad config override: {e}')
 

@@ -96,6 +96,14 @@ def test_load_images_16_bit(tmp_path):
   np.testing.assert_array_equal(image[..., 1], np.round(ramp / 257.0).astype(np.uint8))
 
 
+def test_load_images_float(tmp_path):
+  """A 32-bit float TIFF holds [0, 1] (as the upscale command reads it), not 0..255."""
+  ramp = np.linspace(0, 1, 20 * 20, dtype=np.float32).reshape(20, 20)
+  Image.fromarray(ramp).save(tmp_path / 'float.tif')
+  (image,) = data.load_images(tmp_path, min_size=8)
+  np.testing.assert_array_equal(image[..., 0], np.round(ramp * 255.0).astype(np.uint8))
+
+
 def test_missing_empty_and_unusable_folders_are_one_line_errors(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()

@@ -48,6 +48,13 @@ def test_unknown_field_is_one_clear_line(tmp_path):
       "main.py: error: bad config override: \"'no_such_field'\""], result.stderr
 
 
+def test_bad_config_argument_is_one_clear_line(tmp_path):
+  result = run_main('--config=configs/test.py:noise=7', f'--workdir={tmp_path}')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[0].endswith(
+      'ValueError: config argument noise=7: must be one of (-1, 0, 1, 2, 3)'), result.stderr
+
+
 @pytest.mark.parametrize('args, message', [
     (['--config=configs/test.py', '--config.train.batch_size=many'], 'batch_size'),
     (['--config=configs/test.py:noise=9'], 'noise=9'),

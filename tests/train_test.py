@@ -1,8 +1,10 @@
 """Training: the step learns, devices do not change the result, runs resume exactly, restores work."""
 
 import json
+import logging
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -86,7 +88,7 @@ def test_one_device_equals_four(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
 
 
-def test_metrics_plot_restore_and_export(tmp_path):
+def test_metrics_plot_restore_and_export(tmp_path, caplog):
   folder = make_image_folder(tmp_path / 'images')
   workdir = tmp_path / 'run'
   config = tiny_config(folder, num_steps=4)
@@ -123,10 +125,22 @@ def test_metrics_plot_restore_and_export(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params4, jax.device_get(best))
   assert checkpoint.main(['export', str(tmp_path / 'nothing'), str(tmp_path / 'cli2')]) == 1
   assert not (tmp_path / 'cli2').exists()
+  # An earlier export is replaced; anything else is refused and left as it was (the workdir
+  # itself, a folder of other files).
+  assert checkpoint.main(['export', str(workdir), str(tmp_path / 'cli')]) == 0
+  before = sorted(os.listdir(workdir))
+  assert checkpoint.main(['export', str(workdir), str(workdir)]) == 1
+  assert sorted(os.listdir(workdir)) == before
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
+  with pytest.raises(checkpoint.CheckpointError, match='mine: exists and is not an exported model'):
+    checkpoint.export_model(tmp_path / 'mine', params, config)
+  assert os.listdir(tmp_path / 'mine') == ['notes.txt']
 
   # Running the same config again resumes at its end: nothing more to do, params unchanged.
+  caplog.set_level(logging.INFO)
   again = train.train_and_evaluate(config, str(workdir))
-  assert int(again.step) == 4
+  assert int(again.step) == 4 and 'Already done: step 4 of 4' in caplog.text
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.params),
                jax.device_get(state.params))
 
@@ -139,6 +153,48 @@ def test_incompatible_model_is_refused(tmp_path):
   config.model.layers = 4
   with pytest.raises(checkpoint.CheckpointError, match=r'another model.*layers=3 saved vs 4'):
     train.train_and_evaluate(config, workdir)
+  # Another optimizer state (AdamW, no clipping): refused before anything is overwritten.
+  saved = (tmp_path / 'run' / checkpoint.CONFIG_FILE).read_text()
+  for field, value, message in [('optimizer', 'adamw', "train.optimizer='adam' saved vs 'adamw'"),
+                                ('grad_clip', 0.0, 'train.grad_clip > 0=True saved vs False')]:
+    config = tiny_config(folder, num_steps=4, **{field: value})
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
+      train.train_and_evaluate(config, workdir)
+    assert (tmp_path / 'run' / checkpoint.CONFIG_FILE).read_text() == saved
+  # A workdir whose run stopped before its first checkpoint takes another model.
+  config = tiny_config(tmp_path / 'no_such_folder', num_steps=1)
+  with pytest.raises(train.data.DataError):
+    train.train_and_evaluate(config, str(tmp_path / 'early'))
+  config = tiny_config(folder, num_steps=1)
+  config.model.layers = 4
+  assert int(train.train_and_evaluate(config, str(tmp_path / 'early')).step) == 1
+
+
+def test_a_nan_validation_never_ranks_best(tmp_path):
+  state = train.create_train_state(test_config.get_config(), jax.random.PRNGKey(0))
+  manager = checkpoint.make_manager(tmp_path, keep=1)
+  for step, psnr in [(2, 20.0), (3, float('nan')), (4, 15.0), (5, 14.0)]:
+    checkpoint.save_train_state(manager, state.replace(step=step), metrics={'val_psnr': psnr})
+  manager.wait_until_finished()
+  assert manager.all_steps() == [2, 5] and checkpoint.best_step(manager) == 2
+
+
+def test_validation_skips_slivers_and_metrics_survive_a_cut_line(tmp_path, caplog):
+  folder = make_image_folder(tmp_path / 'images')
+  val = make_image_folder(tmp_path / 'val', count=2, size=64)
+  Image.fromarray(np.zeros((5, 300, 3), np.uint8)).save(val / 'sliver.png')
+  config = tiny_config(folder, num_steps=2)
+  config.data.val_dir = str(val)
+  _, val_images = train.load_datasets(config)
+  assert [im.shape for im in val_images] == [(64, 64, 3)] * 2
+  # A metrics file whose last line was cut short (a full disk): skipped, then dropped on resume.
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / train.METRICS_FILE).write_text('{"step": 2, "loss": 0.5}\n{"step": 4, "lo')
+  log = train.MetricsLog(str(workdir), resume_step=4)
+  assert log.rows() == [{'step': 2, 'loss': 0.5}]
+  assert (workdir / train.METRICS_FILE).read_text() == '{"step": 2, "loss": 0.5}\n'
+  assert 'not a JSON row' in caplog.text
 
 
 def test_init_from_copies_matching_params_then_resuming_wins(tmp_path):
@@ -184,7 +240,9 @@ def fresh_leaf(tree, path):
 def test_bad_config_values_name_the_field(tmp_path):
   for field, value, message in [('train.loss', 'l3', 'config.train.loss'),
                                 ('train.batch_size', 0, 'config.train.batch_size'),
-                                ('data.noise_level', 7, 'config.data.noise_level')]:
+                                ('data.noise_level', 7, 'config.data.noise_level'),
+                                ('data.val_count', 0, 'config.data.val_count'),
+                                ('data.val_max_side', 1, 'config.data.val_max_side')]:
     config = tiny_config(tmp_path)
     section, name = field.split('.')
     config[section][name] = value
@@ -284,6 +342,9 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
   assert steps[-1] >= 2
   # What was saved is the state at the step the log names: one more checkpoint beyond the periodic.
   assert f'at step {steps[-1]}' in out
+  # The losses up to that step are logged (a row at the stop step, whatever log_every says).
+  rows = [json.loads(line) for line in open(workdir / train.METRICS_FILE)]
+  assert [r['step'] for r in rows if 'loss' in r][-1] == steps[-1]
 
 
 def test_schedules_by_hand():

@@ -6,6 +6,7 @@ only. An exported model folder holds `config.json` and `params.msgpack`: no opti
 """
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -48,34 +49,56 @@ def _write_json_atomic(path, obj):
   os.replace(tmp, path)
 
 
+def _layout(config_dict):
+  """What fixes a checkpoint's arrays: the model's fields (less the compute-only ones) and the
+  optimizer state's structure (Adam or AdamW, gradient clipping or not)."""
+  train = config_dict.get('train', {})
+  fields = {f'model.{k}': v for k, v in config_dict['model'].items() if k not in COMPUTE_ONLY_FIELDS}
+  fields['train.optimizer'] = train.get('optimizer', 'adam')
+  fields['train.grad_clip > 0'] = (train.get('grad_clip') or 0) > 0
+  return fields
+
+
+def has_checkpoint(workdir):
+  """Whether `workdir` holds a finished checkpoint (Orbax names unfinished ones `<step>.orbax-...`)."""
+  path = os.path.join(workdir, CHECKPOINT_DIR)
+  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
 def save_run_config(workdir, config):
-  """Writes the run's config beside its checkpoints; refuses a model that differs from a saved one."""
+  """Writes the run's config beside its checkpoints; refuses one whose checkpoints it could not
+  resume (another model, another optimizer state). A workdir without a checkpoint yet (a run
+  that stopped before its first) takes the new config."""
   path = os.path.join(workdir, CONFIG_FILE)
   live = config_to_dict(config)
-  if os.path.exists(path):
-    saved = load_config(path)
-    saved_model = config_to_dict(saved.model)
-    diff = sorted(k for k in set(saved_model) | set(live['model'])
-                  if k not in COMPUTE_ONLY_FIELDS and saved_model.get(k) != live['model'].get(k))
+  if os.path.exists(path) and has_checkpoint(workdir):
+    saved, new = _layout(config_to_dict(load_config(path))), _layout(live)
+    diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     if diff:
       raise CheckpointError(
-          f'{workdir}: its checkpoints are of another model (fields differ: '
-          + ', '.join(f'{k}={saved_model.get(k)!r} saved vs {live["model"].get(k)!r}' for k in diff)
+          f'{workdir}: its checkpoints are of another model or optimizer (fields differ: '
+          + ', '.join(f'{k}={saved.get(k)!r} saved vs {new.get(k)!r}' for k in diff)
           + '); use a new --workdir or the saved config')
   _write_json_atomic(path, live)
+
+
+def _score(metrics):
+  """The validation PSNR to rank checkpoints by; a NaN (a diverged run) ranks last, not first."""
+  value = metrics[BEST_METRIC]
+  return value if math.isfinite(value) else -math.inf
 
 
 def make_manager(workdir, keep=3, create=True):
   """Keeps the latest `keep` checkpoints plus the best one by validation PSNR."""
   policy = preservation_policy.AnyPreservationPolicy([
       preservation_policy.LatestN(n=keep),
-      preservation_policy.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+      preservation_policy.BestN(get_metric_fn=_score, n=1,
                                 keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy,
       # best_fn also makes Orbax write each step's metrics to disk, so the best survives a restart.
-      best_fn=lambda m: m[BEST_METRIC], best_mode='max', create=create,
+      best_fn=_score, best_mode='max', create=create,
       # Synchronous: the models are small, and a step is never left half-written at exit.
       enable_async_checkpointing=False)
   return ocp.CheckpointManager(
@@ -85,7 +108,7 @@ def make_manager(workdir, keep=3, create=True):
 
 def best_step(manager):
   """The kept step with the highest validation PSNR (the latest where none has one)."""
-  scored = [(m[BEST_METRIC], s) for s in manager.all_steps()
+  scored = [(_score(m), s) for s in manager.all_steps()
             if (m := manager.metrics(s)) and BEST_METRIC in m]
   return max(scored)[1] if scored else manager.latest_step()
 
@@ -122,11 +145,21 @@ def _abstract_params(model, model_cfg):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
+def _is_export_or_empty(path):
+  """An earlier export (its two files and nothing else) or an empty folder: safe to replace."""
+  return (os.path.isdir(path) and not os.path.islink(path)
+          and set(os.listdir(path)) <= {CONFIG_FILE, PARAMS_FILE})
+
+
 def export_model(path, params, config):
-  """Writes a shippable model folder (config.json + params.msgpack) atomically."""
+  """Writes a shippable model folder (config.json + params.msgpack) atomically; refuses to replace
+  anything but an earlier export or an empty folder (a workdir, a folder of other files)."""
   path = os.path.abspath(path)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
+  if os.path.lexists(path) and not _is_export_or_empty(path):
+    raise CheckpointError(f'{path}: exists and is not an exported model; export to a new or empty '
+                          'folder (an earlier export is replaced)')
   tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
   try:
     with open(os.path.join(tmp, PARAMS_FILE), 'wb') as f:

@@ -106,10 +106,13 @@ def _filter_table(filter_weights):
 
 
 def _to_rgb_uint8(image):
-  """HxWx3 uint8 from any Pillow mode: grey expanded, alpha dropped, 16-bit scaled down."""
+  """HxWx3 uint8 from any Pillow mode: grey expanded, alpha dropped, 16-bit scaled down, float
+  [0, 1] scaled up."""
   if image.mode.startswith('I') or image.mode == 'F':
     values = np.asarray(image, np.float64)
-    if image.mode.startswith('I;16') or values.max() > 255:
+    if image.mode == 'F':
+      values = values * 255.0  # float images hold [0, 1], as image_io reads them
+    elif image.mode.startswith('I;16') or values.max() > 255:
       values = values / 257.0  # 16-bit: 65535 -> 255
     grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)

@@ -43,6 +43,11 @@ class TrainState(train_state.TrainState):
   rng: jax.Array
 
 
+# Validation images smaller than this (pixels a side) are skipped: all are cropped to the smallest,
+# and PSNR's border crop would leave nothing of a sliver (a NaN that once outranked real scores).
+VAL_MIN_SIDE = 32
+
+
 class ConfigError(ValueError):
   """A config value that cannot work (one line naming the field)."""
 
@@ -54,7 +59,7 @@ def check_config(config):
               'train.log_every': tc.log_every, 'train.eval_every': tc.eval_every,
               'train.checkpoint_every': tc.checkpoint_every,
               'train.keep_checkpoints': tc.keep_checkpoints, 'data.patch_size': dc.patch_size,
-              'train.learning_rate': tc.learning_rate}
+              'train.learning_rate': tc.learning_rate, 'data.val_count': dc.val_count}
   for name, value in positive.items():
     if not value > 0:
       raise ConfigError(f'config.{name}={value!r}: must be > 0')
@@ -65,6 +70,8 @@ def check_config(config):
   for name, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f'config.{name}={value!r}: must be one of {list(allowed)}')
+  if dc.val_max_side < VAL_MIN_SIDE:
+    raise ConfigError(f'config.data.val_max_side={dc.val_max_side!r}: must be >= {VAL_MIN_SIDE}')
   if tc.batch_size % jax.process_count():
     raise ConfigError(f'config.train.batch_size={tc.batch_size}: must be divisible by the '
                       f'{jax.process_count()} processes')
@@ -257,9 +264,7 @@ class MetricsLog:
     self.enabled = jax.process_index() == 0
     if self.enabled and os.path.exists(self.path):
       # Rows past the restored step belong to a run that was killed before its next checkpoint.
-      with open(self.path) as f:
-        rows = [r for r in (json.loads(line) for line in f if line.strip()) if r['step'] <= resume_step]
-      self._rewrite(rows)
+      self._rewrite([r for r in self.rows() if r['step'] <= resume_step])
 
   def _rewrite(self, rows):
     tmp = self.path + '.tmp'
@@ -273,10 +278,21 @@ class MetricsLog:
         f.write(json.dumps({'step': step, **values}) + '\n')
 
   def rows(self):
+    """The rows so far; a line cut short (a full disk, a power loss) is skipped with a warning,
+    and dropped from the file by the next resume's rewrite."""
     if not os.path.exists(self.path):
       return []
+    rows = []
     with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      for number, line in enumerate(f, 1):
+        try:
+          row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+          row = None
+          logging.warning('%s:%d: not a JSON row (cut short?), skipped', self.path, number)
+        if isinstance(row, dict) and isinstance(row.get('step'), int):
+          rows.append(row)
+    return rows
 
 
 def write_plot(rows, path):
@@ -316,7 +332,7 @@ def load_datasets(config):
                  data.default_image_dir())
     images = data.load_default_images(min_size)
   if dc.val_dir:
-    return images, data.load_images(dc.val_dir, 2 * config.model.scale)
+    return images, data.load_images(dc.val_dir, max(2 * config.model.scale, VAL_MIN_SIDE))
   if len(images) <= dc.val_count:
     raise data.DataError(f'{dc.train_dir or "default data"}: {len(images)} usable images, need more than '
                          f'config.data.val_count={dc.val_count} to hold some out for validation')
@@ -407,6 +423,10 @@ def train_and_evaluate(config, workdir, devices=None):
   state = jax.device_put(state, replicated)
   state = checkpoint.restore_train_state(manager, state)
   start_step = int(state.step)
+  if start_step >= tc.num_steps:
+    logging.info('Already done: step %d of %d in %s; nothing to train (a larger '
+                 'config.train.num_steps goes on from here)', start_step, tc.num_steps, workdir)
+    return state
   if start_step:
     logging.info('Resuming from step %d in %s', start_step, workdir)
   train_step = jax.jit(make_train_step(config), out_shardings=(replicated, replicated),
@@ -436,8 +456,21 @@ def train_and_evaluate(config, workdir, devices=None):
       seed=config.seed, start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
   step = start_step
-  last_val = None
+  last_val = last_val_step = None
   pending, last_time, last_step = [], time.time(), start_step
+
+  def log_losses():
+    nonlocal pending, last_time, last_step
+    summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+    now = time.time()
+    patches_per_s = (step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
+    lr = float(make_schedule(tc)(step))
+    eta = (tc.num_steps - step) * tc.batch_size / max(patches_per_s, 1e-9)
+    logging.info('step %d/%d  loss %.5f  lr %.2e  %.1f patches/s  ETA %s', step, tc.num_steps,
+                 summary['loss'], lr, patches_per_s, _format_seconds(eta))
+    log.write(step, lr=lr, patches_per_s=patches_per_s, **summary)
+    pending, last_time, last_step = [], now, step
+
   agree = _StopAgreement(mesh) if jax.process_count() > 1 else None
   stopping = None
   try:
@@ -453,22 +486,18 @@ def train_and_evaluate(config, workdir, devices=None):
         step = step_index + 1
         pending.append(step_metrics)
         if step % tc.log_every == 0 or step == tc.num_steps:
-          summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-          now = time.time()
-          patches_per_s = (step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
-          lr = float(make_schedule(tc)(step))
-          eta = (tc.num_steps - step) * tc.batch_size / max(patches_per_s, 1e-9)
-          logging.info('step %d/%d  loss %.5f  lr %.2e  %.1f patches/s  ETA %s', step, tc.num_steps,
-                       summary['loss'], lr, patches_per_s, _format_seconds(eta))
-          log.write(step, lr=lr, patches_per_s=patches_per_s, **summary)
-          pending, last_time, last_step = [], now, step
+          log_losses()
         val = None
         if step % tc.eval_every == 0 or step == tc.num_steps:
           val = last_val = validate_now(step)
+          last_val_step = step
         if step % tc.checkpoint_every == 0 or step == tc.num_steps:
           checkpoint_now(val)
       if stopping and step < tc.num_steps:
-        checkpoint_now(force=True)
+        if pending:  # the losses since the last row, so that the log misses no step
+          log_losses()
+        # This step's validation, if it ran, ranks the stop checkpoint among the best.
+        checkpoint_now(last_val if last_val_step == step else None, force=True)
         logging.warning('Stopped by %s at step %d; checkpoint saved. Run the same command to resume.',
                         stopping, step)
   finally:
