@@ -243,6 +243,15 @@ def test_jpeg_alpha_refused_or_composited_and_bad_args(tmp_path, capsys, model_d
   with pytest.raises(SystemExit) as e:
     upscale.main(['-i', 'x', '-o', 'y', '-s', '3'])
   assert e.value.code == 2
+  with pytest.raises(SystemExit) as e:  # no model would run
+    upscale.main(['-i', 'x', '-o', 'y', '-s', '1', '-n', '-1'])
+  assert e.value.code == 2 and 'nothing to do' in capsys.readouterr().err
+  # An animation: its first frame, said so.
+  frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (0, 128, 255)]
+  frames[0].save(tmp_path / 'anim.gif', save_all=True, append_images=frames[1:])
+  code, out, err = _run(capsys, '-i', tmp_path / 'anim.gif', '-o', tmp_path / 'anim.png', '-m',
+                        model_dirs['2x'], *FAST)
+  assert code == 0 and 'anim.gif: 3 frames (an animation or pages); only the first is upscaled' in err
 
 
 def test_shipped_default_model_needs_no_argument(tmp_path, capsys):

@@ -52,6 +52,7 @@ class ImageInfo:
   bit_depth: int = 8  # 8 or 16
   icc_profile: bytes | None = None
   format: str | None = None  # Pillow's name of the source format ('PNG', 'JPEG', ...)
+  frames: int = 1  # an animation's or a multi-page file's frames (the first is the image read)
 
   @property
   def has_alpha(self):
@@ -183,7 +184,9 @@ def read_image(path):
   path = os.fspath(path)
   try:
     with Image.open(path) as im:
-      return _read(path, im)
+      frames = getattr(im, 'n_frames', 1)
+      image, info = _read(path, im)
+      return image, (dataclasses.replace(info, frames=frames) if frames > 1 else info)
   except ImageError:
     raise
   except Image.UnidentifiedImageError as e:

@@ -311,6 +311,8 @@ def process(src, dst, fmt, runner, args):
     if not args.overwrite:
       return 'skipped'
   image, info = image_io.read_image(src)
+  if info.frames > 1 and not args.quiet:
+    _say(f'{src}: {info.frames} frames (an animation or pages); only the first is upscaled')
   image = upscale_loaded(image, info, fmt, runner, args, src,
                          lambda i, n: _TileBar(args.quiet, f'pass {i + 1}/{n}'))
   parent = os.path.dirname(os.path.abspath(dst))
@@ -390,7 +392,11 @@ def parse_args(argv=None):
   g.add_argument('--distributed', choices=distributed.MODES, default=None,
                  help='auto: JAX reads the setup from the cluster (SLURM, Open MPI, TPU); default: '
                  f'${distributed.ENV_VAR}, else off')
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if (args.scale == 1 and args.noise_level == -1 and not args.model and not args.width
+      and not args.height):
+    p.error('-s 1 with -n -1 runs no model: nothing to do (to convert formats, use an image tool)')
+  return args
 
 
 def _job_format(args, single_output):
