@@ -392,11 +392,7 @@ def parse_args(argv=None):
   g.add_argument('--distributed', choices=distributed.MODES, default=None,
                  help='auto: JAX reads the setup from the cluster (SLURM, Open MPI, TPU); default: '
                  f'${distributed.ENV_VAR}, else off')
-  args = p.parse_args(argv)
-  if (args.scale == 1 and args.noise_level == -1 and not args.model and not args.width
-      and not args.height):
-    p.error('-s 1 with -n -1 runs no model: nothing to do (to convert formats, use an image tool)')
-  return args
+  return p.parse_args(argv)
 
 
 def _job_format(args, single_output):
@@ -462,6 +458,9 @@ def main(argv=None, load_model_fn=None):
         f'{d.platform}:{d.id} ({d.device_kind})' for d in devices))
     if args.model and args.noise_level is not None:
       err(f'{PROG}: -n is ignored with -m: the model decides what it removes')
+    if (args.scale == 1 and args.noise_level == -1 and not args.model and not args.width
+        and not args.height):
+      err(f'{PROG}: -s 1 -n -1 runs no model: the images are only converted')
   runner = Runner(args, load_model_fn or load_model)
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
   fatal = False
