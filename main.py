@@ -34,10 +34,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Keeps Orbax's per-save INFO chatter out of the training log; its warnings still show."""
+  """Keeps Orbax's per-save INFO chatter out of the training log; its warnings still show, but
+  for the one at each checkpoint saved without a validation (eval_every != checkpoint_every, a
+  stop between validations): such a checkpoint is simply not ranked among the best."""
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    return record.levelno >= pylogging.WARNING and 'did not provide metrics' not in record.getMessage()
 
 
 def parse_flags(argv):

@@ -74,3 +74,16 @@ def test_main_reports_errors_in_one_line(tmp_path):
   assert last.startswith('main.py: error:') and str(missing) in last, result.stderr
   result = run_main('--config=configs/test.py', f'--workdir={tmp_path / "w"}', '--config.train.loss=l3')
   assert result.returncode == 1 and 'config.train.loss' in result.stderr.strip().splitlines()[-1]
+
+
+def test_training_log_keeps_orbax_warnings_but_the_unranked_checkpoint():
+  import logging  # pylint: disable=g-import-not-at-top
+  import main  # pylint: disable=g-import-not-at-top
+
+  def record(level, message, path='/venv/site-packages/orbax/checkpoint/checkpoint_manager.py'):
+    return logging.LogRecord('absl', level, path, 1, message, None, None)
+  keep = main._QuietLibraries().filter  # pylint: disable=protected-access
+  assert not keep(record(logging.INFO, 'Saving checkpoint at step 2'))
+  assert not keep(record(logging.WARNING, 'Requested `tracked_metric`; did not provide metrics.'))
+  assert keep(record(logging.WARNING, 'Something else went wrong'))
+  assert keep(record(logging.INFO, 'step 2/8  loss 0.1', path='/work/w2x_jax/train.py'))
