@@ -280,3 +280,16 @@ def test_output_format_and_dtype():
   assert image_io.output_dtype(info16, 'png') == np.uint16
   assert image_io.output_dtype(info16, 'jpeg') == np.uint8
   assert image_io.to_uint(np.array([65535, 0, 32896], np.uint16), 8).tolist() == [255, 0, 128]
+
+
+def test_print_resolution_kept(tmp_path):
+  Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / 'in.png', dpi=(300, 300))
+  image, info = image_io.read_image(tmp_path / 'in.png')
+  assert info.dpi == (300.0, 300.0)
+  data16 = _rng().integers(0, 65536, (4, 5, 3), dtype=np.uint16)
+  for name, array in [('out.png', image), ('out.jpg', image), ('out16.png', data16)]:
+    image_io.write_image(tmp_path / name, array, info)
+    with Image.open(tmp_path / name) as im:
+      assert tuple(round(float(v)) for v in im.info['dpi']) == (300, 300), name
+  image_io.write_image(tmp_path / 'none.png', image)
+  assert image_io.read_image(tmp_path / 'none.png')[1].dpi is None

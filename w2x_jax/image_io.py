@@ -53,6 +53,7 @@ class ImageInfo:
   icc_profile: bytes | None = None
   format: str | None = None  # Pillow's name of the source format ('PNG', 'JPEG', ...)
   frames: int = 1  # an animation's or a multi-page file's frames (the first is the image read)
+  dpi: tuple | None = None  # (x, y) print resolution, kept on PNG and JPEG output
 
   @property
   def has_alpha(self):
@@ -179,14 +180,23 @@ def _read(path, im):
   return image, ImageInfo(mode, image.shape[-1], 8, icc, fmt)
 
 
+def _dpi(value):
+  """(x, y) dots per inch, rounded to 0.01 (PNG stores dots per metre), or None if unset or bad."""
+  try:
+    x, y = (round(float(v), 2) for v in value)
+  except (TypeError, ValueError):
+    return None
+  return (x, y) if x > 0 and y > 0 else None
+
+
 def read_image(path):
   """(float32 HxWxC in [0, 1], ImageInfo); ImageError with a one-line reason if unreadable."""
   path = os.fspath(path)
   try:
     with Image.open(path) as im:
-      frames = getattr(im, 'n_frames', 1)
+      frames, dpi = getattr(im, 'n_frames', 1), _dpi(im.info.get('dpi'))
       image, info = _read(path, im)
-      return image, (dataclasses.replace(info, frames=frames) if frames > 1 else info)
+      return image, dataclasses.replace(info, frames=frames, dpi=dpi)
   except ImageError:
     raise
   except Image.UnidentifiedImageError as e:
@@ -216,7 +226,7 @@ def _chunk(f, kind, data):
           + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
 
 
-def _write_png16(f, data, icc=None, rows=64):
+def _write_png16(f, data, icc=None, rows=64, dpi=None):
   """A 16-bit PNG of uint16 HxWxC (C = 1..4), compressed in strips of `rows` (bounded memory)."""
   h, w, c = data.shape
   colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
@@ -224,6 +234,8 @@ def _write_png16(f, data, icc=None, rows=64):
   _chunk(f, b'IHDR', struct.pack('>IIBBBBB', w, h, 16, colour_type, 0, 0, 0))
   if icc:
     _chunk(f, b'iCCP', b'icc\x00\x00' + zlib.compress(icc))
+  if dpi:  # pixels per metre, unit 1 (metre)
+    _chunk(f, b'pHYs', struct.pack('>IIB', *(round(d / 0.0254) for d in dpi), 1))
   bpp = 2 * c
   z = zlib.compressobj(6)
   pending = []
@@ -283,7 +295,7 @@ def write_image(path, image, info=None, format=None, quality=None):
   """Writes HxWxC (float in [0, 1], uint8 or uint16) as PNG, WebP or JPEG (`format`, else from
   the suffix), atomically. 16 bits when the array is uint16 (or float with info.bit_depth 16) and
   the format is PNG; the ICC profile of `info` is embedded where it describes the written colour
-  space (RGB or gray). Raises ImageError."""
+  space (RGB or gray), and its print resolution (dpi) in PNG and JPEG. Raises ImageError."""
   path = os.fspath(path)
   fmt = output_format(path, format)
   image = np.asarray(image)
@@ -299,14 +311,17 @@ def write_image(path, image, info=None, format=None, quality=None):
   # WebP stores RGB only: Pillow converts gray to it.
   written_space = 'GRAY' if c in (1, 2) and fmt != 'webp' else 'RGB '
   icc = _icc_for(info.icc_profile if info is not None else None, written_space)
+  dpi = info.dpi if info is not None else None
   quality = DEFAULT_QUALITY if quality is None else int(quality)
 
   def save(f):
     if bits16 and c > 1:
-      _write_png16(f, data, icc)
+      _write_png16(f, data, icc, dpi=dpi)
       return
     im = Image.fromarray(data[..., 0] if c == 1 else data)  # uint16 2-D is 'I;16'
     kwargs = {'icc_profile': icc} if icc else {}
+    if dpi and fmt in ('png', 'jpeg'):  # (Pillow writes no resolution into WebP)
+      kwargs['dpi'] = dpi
     if fmt == 'jpeg':
       # Above 90, 4:4:4 chroma: subsampling would blur the detail the upscaling made.
       kwargs.update(quality=quality, subsampling=0 if quality >= 90 else 2)
