@@ -359,7 +359,8 @@ def parse_args(argv=None):
                  help='upscaling: repeated 2x passes, denoising only in the first (default '
                  f'{DEFAULT_SCALE}; with -m: one pass of the model)')
   p.add_argument('--width', type=_positive, help='output width: 2x passes, then a Lanczos '
-                 'downscale to it (with --height alone, the aspect ratio is kept)')
+                 'downscale to it (with --height alone, the aspect ratio is kept; with a scale-1 '
+                 'model, -m noiseN, one pass and Lanczos does the whole resize)')
   p.add_argument('--height', type=_positive, help='output height (see --width)')
   p.add_argument('-m', '--model', help='a shipped model name or a checkpoint folder; it does every '
                  'pass')
