@@ -101,3 +101,38 @@ def test_command_errors_are_one_line(tmp_path, capsys):
   assert evaluate.main(['--model', str(tmp_path / 'nomodel'), '--dataset', str(tmp_path)]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'nomodel' in err[0]
+
+
+def test_command_reads_like_the_upscaler_and_refuses_bad_outputs_early(tmp_path, capsys):
+  """16-bit grey scaled (not clipped), a sliver skipped with a line, a truncated file named, two
+  folders of one name both kept, and unwritable outputs refused before any work."""
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
+  dataset = _dataset(tmp_path / 'a' / 'mini')
+  ramp = (np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40)
+  Image.fromarray(ramp).save(dataset / 'deep.png')
+  Image.fromarray(np.zeros((12, 40, 3), np.uint8)).save(dataset / 'sliver.png')
+  pairs = evaluate.load_dataset(str(dataset), 2, -1, warn=lambda m: None)
+  deep = dict((name, hr) for name, _, hr in pairs)['deep.png']
+  np.testing.assert_array_equal(deep[..., 0], np.round(ramp / 257.0).astype(np.uint8))
+  assert 'sliver.png' not in dict((name, hr) for name, _, hr in pairs)
+  other = _dataset(tmp_path / 'b' / 'mini')
+  out_json = tmp_path / 'r.json'
+  assert evaluate.main(['--model', 'bicubic', '--dataset', str(dataset), '--dataset', str(other),
+                        '--json', str(out_json)]) == 0
+  assert 'sliver.png: 40x12 is too small to measure' in capsys.readouterr().err
+  assert sorted(json.loads(out_json.read_text())['datasets']) == ['mini', 'mini_2']
+  (other / 'cut.png').write_bytes((dataset / '0.png').read_bytes()[:60])
+  assert evaluate.main(['--model', 'bicubic', '--dataset', str(other)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'cut.png: cannot read' in err[0]
+  for extra in (['--json', str(tmp_path / 'no' / 'r.json')], ['--compare-dir', str(out_json)],
+                ['--scale', '0']):
+    with pytest.raises(SystemExit) as e:
+      evaluate.main(['--model', 'bicubic', '--dataset', str(dataset), *extra])
+    assert e.value.code == 2
+  capsys.readouterr()
+  model_dir = _export_tiny(tmp_path / 'model', 2)
+  assert evaluate.main(['--model', str(model_dir), '--dataset', str(dataset), '--tile-size', '4']) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'must exceed twice' in err[0]

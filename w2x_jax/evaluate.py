@@ -54,16 +54,30 @@ def bicubic_upscale(lr_uint8, scale):
 # The evaluation command: python -m w2x_jax.evaluate --model M --dataset DIR [--dataset DIR] ...
 
 HR_SUFFIX, LR_SUFFIX = '_HR', '_LR'
+SSIM_WINDOW = 11  # scikit-image's gaussian window (sigma 1.5): the smallest side SSIM can measure
 COMPARE_IMAGES = 4  # images per side-by-side PNG
 COMPARE_CROP = 96  # high-resolution pixels per crop side
 
 
-def load_dataset(folder, scale, noise_level):
+def read_rgb8(path):
+  """HxWx3 uint8 of any image the upscale command reads (16-bit scaled down, not clipped; grey
+  repeated; alpha dropped; EXIF orientation applied); ImageError naming the file."""
+  from w2x_jax import image_io  # pylint: disable=g-import-not-at-top
+  image, info = image_io.read_image(path)
+  if info.has_alpha:
+    image = image[..., :-1]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return image_io.to_uint(image, 8)
+
+
+def load_dataset(folder, scale, noise_level, warn=None):
   """[(name, model input uint8, ground truth uint8)] of a folder.
 
   A file `X_HR.png` with a partner `X_LR.png` uses that low-resolution file (MATLAB-made in the
   benchmark sets); otherwise the input is made by Pillow bicubic downscaling. The level's JPEG noise
-  is then applied to the input either way.
+  is then applied to the input either way. Images too small for SSIM after the border crop are
+  skipped, each with a line to `warn`.
   """
   import glob  # pylint: disable=g-import-not-at-top
   from w2x_jax import data  # pylint: disable=g-import-not-at-top
@@ -75,12 +89,14 @@ def load_dataset(folder, scale, noise_level):
   pairs = []
   for path in paths:
     stem, ext = os.path.splitext(path)
-    with Image.open(path) as im:
-      hr = crop_to_multiple(np.asarray(im.convert('RGB')), scale)
+    hr = crop_to_multiple(read_rgb8(path), scale)
+    if min(hr.shape[:2]) < SSIM_WINDOW + 2 * scale:
+      (warn or print)(f'{path}: {hr.shape[1]}x{hr.shape[0]} is too small to measure (SSIM needs '
+                      f'{SSIM_WINDOW} px a side after the {scale} px border), skipped')
+      continue
     lr_path = stem[:-len(HR_SUFFIX)] + LR_SUFFIX + ext if stem.endswith(HR_SUFFIX) else None
     if lr_path and scale > 1 and os.path.exists(lr_path):
-      with Image.open(lr_path) as im:
-        lr = np.asarray(im.convert('RGB'))
+      lr = read_rgb8(lr_path)
       if lr.shape[0] * scale != hr.shape[0] or lr.shape[1] * scale != hr.shape[1]:
         raise data.DataError(f'{lr_path}: {lr.shape[1]}x{lr.shape[0]} is not 1/{scale} of its '
                              f'ground truth {hr.shape[1]}x{hr.shape[0]}')
@@ -142,12 +158,23 @@ def make_predictor(model_name, tta, tile_size=None):
   from w2x_jax import upscale  # pylint: disable=g-import-not-at-top
   model, params, config = upscale.load_model(model_name)
   upscaler = inference.Upscaler(params, config.model, model=model, tile_size=tile_size)
+  margin = upscaler.margin(3)
+  if upscaler.tile_size <= 2 * margin:
+    raise ValueError(f'--tile-size {upscaler.tile_size} must exceed twice the model\'s margin '
+                     f'({margin}): at least {2 * margin + 1}')
 
   def predict(lr_uint8):
     out = upscaler(lr_uint8.astype(np.float32) / 255.0, tta=tta)
     return metrics_lib.to_uint8_range(out).astype(np.uint8)
 
   return predict, int(config.model.scale), f'{model_name} ({config.model.name})'
+
+
+def _positive(text):
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{value} must be >= 1')
+  return value
 
 
 def main(argv=None):
@@ -162,15 +189,22 @@ def main(argv=None):
   parser.add_argument('--noise-level', '-n', type=int, default=-1, choices=sorted(EVAL_JPEG_QUALITIES),
                       help='JPEG noise on the input at fixed qualities per level: '
                       + ', '.join(f'{k}: {list(v)}' for k, v in EVAL_JPEG_QUALITIES.items()))
-  parser.add_argument('--scale', type=int, default=2, help='for bicubic (models have their own)')
+  parser.add_argument('--scale', type=_positive, default=2,
+                      help='for bicubic (models have their own)')
   parser.add_argument('--tta', action='store_true', help='average the 8 flips and rotations')
-  parser.add_argument('--tile-size', type=int, default=None)
+  parser.add_argument('--tile-size', type=_positive, default=None)
   parser.add_argument('--json', metavar='FILE', help='write the figures as JSON')
   parser.add_argument('--compare-dir', metavar='DIR', default=None,
                       help='write a side-by-side PNG per dataset here (input, bicubic, model, truth)')
   args = parser.parse_args(argv)
 
   from w2x_jax import data  # pylint: disable=g-import-not-at-top
+  from w2x_jax import image_io  # pylint: disable=g-import-not-at-top
+  # The outputs' places, checked before any work (not found unwritable after it).
+  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    parser.error(f'--json {args.json}: its folder does not exist')
+  if args.compare_dir and os.path.exists(args.compare_dir) and not os.path.isdir(args.compare_dir):
+    parser.error(f'--compare-dir {args.compare_dir}: is a file')
   compilation_cache.enable(program='w2x_jax.evaluate')  # each image size compiles once, ever
   try:
     predict, scale, description = make_predictor(args.model, args.tta, args.tile_size)
@@ -186,25 +220,38 @@ def main(argv=None):
         f'{", TTA" if args.tta else ""}: PSNR/SSIM on Y, {scale} px border')
   print(f'{"dataset":<12} {"images":>6} {"model PSNR":>11} {baseline_name + " PSNR":>14} {"gain":>7}'
         f' {"model SSIM":>11} {baseline_name + " SSIM":>14}')
+  warn = lambda message: print(f'w2x_jax.evaluate: {message}', file=sys.stderr)
   for folder in args.dataset:
     try:
-      pairs = load_dataset(folder, scale, args.noise_level)
-    except (data.DataError, OSError) as e:
+      pairs = load_dataset(folder, scale, args.noise_level, warn)
+      summary, images, rows = evaluate_dataset(predict, pairs, scale)
+    except (data.DataError, image_io.ImageError, OSError, ValueError) as e:
       print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
       return 1
-    name = os.path.basename(os.path.normpath(folder))
-    summary, images, rows = evaluate_dataset(predict, pairs, scale)
+    name = base = os.path.basename(os.path.normpath(folder))
+    for k in range(2, len(args.dataset) + 2):  # two folders of one name: a/Set5, b/Set5
+      if name not in results['datasets']:
+        break
+      name = f'{base}_{k}'
     results['datasets'][name] = dict(summary, folder=os.path.abspath(folder), per_image=images)
     print(f'{name:<12} {summary["images"]:>6} {summary["psnr"]:>11.3f} {summary["baseline_psnr"]:>14.3f}'
           f' {summary["psnr_gain"]:>+7.3f} {summary["ssim"]:>11.4f} {summary["baseline_ssim"]:>14.4f}')
     if args.compare_dir:
-      os.makedirs(args.compare_dir, exist_ok=True)
       path = os.path.join(args.compare_dir, f'{name}_compare.png')
-      Image.fromarray(side_by_side(rows, scale)).save(path)
+      try:
+        os.makedirs(args.compare_dir, exist_ok=True)
+        image_io.write_image(path, side_by_side(rows, scale))
+      except (image_io.ImageError, OSError) as e:
+        print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
+        return 1
       print(f'{"":<12} side by side (input, {baseline_name}, model, truth): {path}')
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
+    text = json.dumps(results, indent=2).encode()
+    try:
+      image_io.atomic_write(args.json, lambda f: f.write(text))  # never a partial file
+    except image_io.ImageError as e:
+      print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
+      return 1
   return 0
 
 
