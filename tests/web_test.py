@@ -35,6 +35,7 @@ CHROMEDRIVER = os.environ.get('W2X_CHROMEDRIVER', '/usr/bin/chromedriver')
 MAX_PIXELS = '160x160'
 MAX_UPLOAD = 300 * 1024
 TILE = '48'
+UPLOAD_TIMEOUT = 4  # seconds (a stalled upload is dropped after them)
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy for 127.0.0.1
 
 
@@ -151,7 +152,8 @@ def files(tmp_path_factory):
 def server(files, tmp_path_factory):
   served = Served(['--model', str(files['models']), '--weights-dir', str(files['weights']),
                    '--tile-size', TILE, '--max-pixels', MAX_PIXELS, '--max-upload',
-                   f'{MAX_UPLOAD // 1024}K'], tmp_path_factory.mktemp('server'))
+                   f'{MAX_UPLOAD // 1024}K', '--upload-timeout', str(UPLOAD_TIMEOUT)],
+                  tmp_path_factory.mktemp('server'))
   yield served
   served.stop()
 
@@ -343,6 +345,26 @@ def test_http_errors_leave_nothing_behind(server, files):
   assert response.status == 413
   assert json.loads(response.read())['error'].startswith('stream.png: larger than the upload')
   conn.close()
+  # An upload that stops sending is dropped (408) and holds no queue place: all 8 of them stalled
+  # at once, then an upload goes through.
+  stalled = []
+  for i in range(web.DEFAULT_MAX_QUEUE):
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest('POST', '/api/jobs?model=m0')
+    conn.putheader('X-Filename', f'slow{i}.png')
+    conn.putheader('Content-Length', '100000')
+    conn.endheaders()
+    conn.send(png[:40])
+    stalled.append(conn)
+  for i, conn in enumerate(stalled):
+    response = conn.getresponse()
+    assert response.status == 408
+    assert json.loads(response.read())['error'] == (
+        f'slow{i}.png: the upload stalled (nothing for {UPLOAD_TIMEOUT} s)')
+    conn.close()
+  status, _, body = server.upload(png, 'after.png')
+  assert status == 202, body
+  assert server.wait(body['id'])['state'] == 'done'
   # Another Host header (DNS rebinding) is refused.
   status, _, _ = server.request('/api/config', headers={'Host': 'evil.example'})
   assert status == 400
@@ -435,7 +457,19 @@ def test_bad_model_folder_and_limits_parsing(tmp_path, capsys):
   assert web.format_pixels(9_000_000) == '9 megapixels (3000x3000)'
   with pytest.raises(SystemExit):
     web.parse_args(['--max-pixels', 'big'])
+  with pytest.raises(SystemExit):
+    web.parse_args(['--port', '70000'])
   capsys.readouterr()
+  # An address that is not this machine's: said before any model loads.
+  old_handler = signal.getsignal(signal.SIGTERM)
+  try:
+    assert web.main(['--host', 'nosuchhost.invalid', '--port', '0', '--weights-dir',
+                     str(tmp_path / 'empty')]) == 1
+  finally:
+    signal.signal(signal.SIGTERM, old_handler)
+  out = capsys.readouterr().out
+  assert 'cannot listen on nosuchhost.invalid:0' in out and '--host takes an address' in out
+  assert 'models:' not in out and 'No model is installed' not in out
   os.makedirs(tmp_path / 'notes')
   with pytest.raises(upscale.ModelError, match='neither a model'):
     web.find_model_dirs([str(tmp_path / 'notes')])

@@ -286,7 +286,7 @@ def upscale_loaded(image, info, fmt, runner, args, name, pass_progress=None):
   if max(height, width) > image_io.MAX_SIDES[fmt]:  # before the passes, not after their work
     raise JobError(f'{name}: the output would be {width}x{height}, over the '
                    f'{image_io.MAX_SIDES[fmt]} pixels per side that {fmt} can store; choose '
-                   'another format (-f png) or a smaller --width/--height')
+                   'PNG or a smaller output')  # (words for the command and the web page alike)
   out_dtype = image_io.output_dtype(info, fmt)
   for i, key in enumerate(keys):
     last = i == len(keys) - 1 and target is None

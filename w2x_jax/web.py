@@ -55,6 +55,7 @@ DEFAULT_PORT = 8812
 DEFAULT_MAX_PIXELS = '3000x3000'
 DEFAULT_MAX_UPLOAD = '100M'
 DEFAULT_MAX_QUEUE = 8
+DEFAULT_UPLOAD_TIMEOUT = 30  # seconds an upload may send nothing before it is dropped (408)
 LOOPBACK_HOSTS = ('127.0.0.1', 'localhost', '::1', '[::1]')
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web_static')
 STATIC_TYPES = {'.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8',
@@ -253,6 +254,7 @@ class Server:
     self.lock = threading.Lock()
     self.queue = queue.Queue()
     self._seq = itertools.count()
+    self.upload_timeout = getattr(args, 'upload_timeout', DEFAULT_UPLOAD_TIMEOUT)
     self._probe_lock = None  # an asyncio.Lock, made in the event loop
     self.worker = threading.Thread(target=self._work, name='w2x-web-worker', daemon=True)
     self.worker.start()
@@ -492,8 +494,16 @@ class Server:
       self.jobs[job.id] = job
     try:
       size = 0
+      chunks = request.stream().__aiter__()
       with open(job.upload, 'xb') as f:
-        async for chunk in request.stream():
+        while True:
+          try:  # a client that stops sending must not hold a queue place for ever
+            chunk = await asyncio.wait_for(chunks.__anext__(), self.upload_timeout)
+          except StopAsyncIteration:
+            break
+          except asyncio.TimeoutError:
+            raise RequestError(408, f'{name}: the upload stalled (nothing for '  # pylint: disable=raise-missing-from
+                               f'{self.upload_timeout} s)')
           size += len(chunk)
           if size > self.max_upload:
             raise RequestError(413, too_big)
@@ -514,7 +524,9 @@ class Server:
       if isinstance(e, OSError):
         return _error(507, f'{name}: cannot store the upload: {e.strerror or e}')
       return Response(status_code=400)
-    job.state = 'queued'
+    with self.lock:  # numbered as queued (the queue's order), not as its upload began
+      job.seq = next(self._seq)
+      job.state = 'queued'
     self.queue.put(job)
     self._sweep()
     return _json(self.status(job), status_code=202)
@@ -584,13 +596,20 @@ def make_app(server, allowed_hosts=None):
   return Starlette(routes=routes, middleware=middleware)
 
 
+def _port(text):
+  value = int(text)
+  if not 0 <= value <= 65535:
+    raise argparse.ArgumentTypeError(f'{value} is not a port (0..65535)')
+  return value
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(
       prog=f'python -m {PROG}', description='A local waifu2x web page: upscale and denoise '
       'images in the browser, on this machine.')
   p.add_argument('--host', default=DEFAULT_HOST, help='address to listen on (default '
                  '%(default)s: this machine only; another address lets the network in)')
-  p.add_argument('--port', type=int, default=DEFAULT_PORT,
+  p.add_argument('--port', type=_port, default=DEFAULT_PORT,
                  help='port (default %(default)s; 0 picks a free one)')
   p.add_argument('-m', '--model', action='append', metavar='DIR',
                  help='an exported model folder, a training workdir, or a folder of them; '
@@ -605,6 +624,9 @@ def parse_args(argv=None):
   positive = upscale._positive  # pylint: disable=protected-access (the command's own check)
   p.add_argument('--max-queue', type=positive, default=DEFAULT_MAX_QUEUE,
                  help='jobs waiting or running at most (default %(default)s)')
+  p.add_argument('--upload-timeout', type=positive, default=DEFAULT_UPLOAD_TIMEOUT, metavar='S',
+                 help='drop an upload that sends nothing for S seconds (default %(default)s), '
+                 'so that stalled clients hold no queue place')
   p.add_argument('--tile-size', type=positive, default=inference.DEFAULT_TILE_SIZE,
                  help='tile side in input pixels, margins included (default %(default)s)')
   p.add_argument('--batch-size', type=positive, default=None,
@@ -637,9 +659,22 @@ def _serve(args, say):
   devices = jax.local_devices()
   say(f'running on {len(devices)} device(s): ' + ', '.join(
       f'{d.platform}:{d.id} ({d.device_kind})' for d in devices))
+  # The address first: a port in use is said at once, not after the models have loaded.
+  family = socket.AF_INET6 if ':' in args.host else socket.AF_INET
+  sock = socket.socket(family, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((args.host, args.port))
+  except OSError as e:
+    sock.close()
+    hint = ('--host takes an address of this machine' if isinstance(e, socket.gaierror)
+            else 'choose another --port')
+    say(f'cannot listen on {args.host}:{args.port}: {e.strerror or e} ({hint})')
+    return 1
   try:
     server = Server(args)
   except upscale.ModelError as e:
+    sock.close()
     say(str(e))
     return 2
   if server.models:
@@ -649,14 +684,6 @@ def _serve(args, say):
   else:
     say(server.message)
   try:
-    family = socket.AF_INET6 if ':' in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      sock.bind((args.host, args.port))
-    except OSError as e:
-      say(f'cannot listen on {args.host}:{args.port}: {e.strerror or e} (choose another --port)')
-      return 1
     sock.listen(64)
     port = sock.getsockname()[1]
     loopback = args.host in LOOPBACK_HOSTS
