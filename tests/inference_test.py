@@ -263,3 +263,27 @@ def test_tiles_run_the_unpadded_model_with_the_same_params():
   padded = _upscaler(cfg, model, params, tile_size=32)
   padded.tile_model = model
   np.testing.assert_allclose(up(image), padded(image), rtol=0, atol=TOL)
+
+
+def test_input_and_output_dtypes_and_non_finite_pixels():
+  """Integer arrays are read over their range, NaN as 0 and infinities clipped (the output stays
+  finite, as the clean image's with that pixel at 0 or 1), float outputs of any width."""
+  cfg, model, params = _model()
+  image = _image(14, 11, 3)
+  up = _upscaler(cfg, model, params, tile_size=16, batch_size=2)
+  want = up(image)
+  as_uint8 = np.round(image * 255).astype(np.uint8)
+  np.testing.assert_allclose(up(as_uint8), up(as_uint8.astype(np.float32) / 255), atol=1e-6)
+  bad = image.copy()
+  bad[5, 5, 0], bad[2, 7, 1], bad[9, 3, 2] = np.nan, np.inf, -np.inf
+  clean = image.copy()
+  clean[5, 5, 0], clean[2, 7, 1], clean[9, 3, 2] = 0.0, 1.0, 0.0
+  got = up(bad)
+  assert np.isfinite(got).all() and np.abs(got - up(clean)).max() <= TOL
+  assert np.isnan(bad[5, 5, 0])  # the caller's array is left as it was
+  assert up(image, out_dtype=np.float64).dtype == np.float64
+  np.testing.assert_allclose(up(image, out_dtype=np.float16), want, atol=1e-3)
+  with pytest.raises(ValueError, match='out_dtype complex64: must be a float or integer type'):
+    up(image, out_dtype=np.complex64)
+  with pytest.raises(ValueError, match='expected a float or integer image'):
+    up(image.astype(np.complex64))

@@ -165,7 +165,8 @@ def _read(path, im):
   im = ImageOps.exif_transpose(im)
   if mode in _MODES_16 or mode == 'F':
     raw = np.asarray(im)
-    image = np.clip(_to_float(raw, 1 if mode == 'F' else 65535), 0, 1)
+    # (NaN as 0: a float file's NaN pixels would blank what the model computes around them)
+    image = np.clip(np.nan_to_num(_to_float(raw, 1 if mode == 'F' else 65535)), 0, 1)
     trns = im.info.get('transparency')
     if isinstance(trns, int) and mode != 'F':
       image = np.concatenate([image, (raw != trns).astype(np.float32)[..., None]], -1)

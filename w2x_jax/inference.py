@@ -128,8 +128,8 @@ def make_tile_fn(model, model_cfg, channels, tta=False, out_dtype=np.float32, ma
     else:
       y = once(params, x)
     y = jnp.clip(y, 0.0, 1.0)
-    if np.dtype(out_dtype) == np.float32:
-      return y
+    if _check_out_dtype(out_dtype).kind == 'f':
+      return y  # float32; the paste into the output casts (float64 needs no x64 mode on)
     return jnp.round(y * np.iinfo(out_dtype).max).astype(out_dtype)
 
   return fn
@@ -137,9 +137,9 @@ def make_tile_fn(model, model_cfg, channels, tta=False, out_dtype=np.float32, ma
 
 def quantize(image, dtype):
   """float [0, 1] -> the integer dtype's full range (rounded); float32 passes through."""
-  dtype = np.dtype(dtype)
-  if dtype == np.float32:
-    return np.asarray(image, np.float32)
+  dtype = _check_out_dtype(dtype)
+  if dtype.kind == 'f':
+    return np.asarray(image, dtype)
   return np.rint(np.clip(image, 0.0, 1.0) * np.iinfo(dtype).max).astype(dtype)
 
 
@@ -165,10 +165,29 @@ def _crop(image, y, x, side):
 
 
 def _check_image(image):
+  """The image as [0, 1] floats: integer (and bool) arrays scaled by their dtype's maximum
+  (uint8 by 255), NaN read as 0 and infinities clipped (one NaN pixel would otherwise blank its
+  whole receptive field, and further through Winograd's tiles). Float arrays without those pass
+  uncopied."""
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4) or 0 in image.shape:
     raise ValueError(f'expected an HxWxC image with C in 1..4, got shape {image.shape}')
+  if image.dtype.kind == 'b':
+    return image.astype(np.float32)
+  if image.dtype.kind in 'ui':
+    return image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
+  if image.dtype.kind != 'f':
+    raise ValueError(f'expected a float or integer image, got dtype {image.dtype}')
+  if not np.isfinite(image).all():
+    image = np.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0)
   return image
+
+
+def _check_out_dtype(dtype):
+  dtype = np.dtype(dtype)
+  if dtype.kind not in 'fui':
+    raise ValueError(f'out_dtype {dtype}: must be a float or integer type (float32, uint8, uint16)')
+  return dtype
 
 
 class Upscaler:
@@ -255,8 +274,9 @@ class Upscaler:
     return self._fns[key]
 
   def __call__(self, image, *, tta=False, progress=None, out_dtype=np.float32, out=None):
-    """Upscales an HxWxC float image in [0, 1]; returns (H*s, W*s, C) of `out_dtype` (float32
-    clipped to [0, 1], or uint8/uint16 over their full range), written into `out` if given.
+    """Upscales an HxWxC float image in [0, 1] (integer arrays: over their dtype's range, see
+    `_check_image`); returns (H*s, W*s, C) of `out_dtype` (floats clipped to [0, 1], or
+    uint8/uint16 over their full range), written into `out` if given.
     `progress(done_tiles, total_tiles)` is called after each batch."""
     image = _check_image(image)
     h, w, c = image.shape
