@@ -55,6 +55,12 @@ def parse_flags(argv):
       message = f'{lines[0]} {lines[-1]}'
     sys.exit(f'main.py: error: {message}\nPass --helpfull to see the flags.')
   except (KeyError, ValueError, TypeError, AttributeError) as e:
+    missing = e if isinstance(e, KeyError) else e.args[0] if e.args else None
+    if isinstance(missing, KeyError):  # an unknown field: ml_collections names its last part only
+      key = str(missing.args[0]).strip("'") if missing.args else ''
+      flag = next((arg.split('=')[0] for arg in argv if arg.startswith('--config.')
+                   and arg.split('=')[0].endswith('.' + key)), key)
+      sys.exit(f'main.py: error: unknown config field {flag}')
     sys.exit(f'main.py: error: bad config override: {e}')
 
 

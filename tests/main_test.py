@@ -45,7 +45,7 @@ def test_unknown_field_is_one_clear_line(tmp_path):
                     f'--workdir={tmp_path}')
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
-      "main.py: error: bad config override: \"'no_such_field'\""], result.stderr
+      'main.py: error: unknown config field --config.train.no_such_field'], result.stderr
 
 
 def test_bad_config_argument_is_one_clear_line(tmp_path):
