@@ -135,6 +135,20 @@ def test_noise_nr_rate():
     data.noise_nr_rate(4, -1.0)
 
 
+def test_jpeg_qualities_by_level():
+  """waifu2x's schedule: levels 0 and 1 one encoding at 85-95 and 65-85; levels 2 and 3 one, two
+  or three encodings (60/30/10%) with falling qualities, never below 27 nor above 70."""
+  rng = np.random.default_rng(0)
+  for level, low, high in [(0, 85, 95), (1, 65, 85)]:
+    drawn = [data._jpeg_qualities(level, rng) for _ in range(500)]  # pylint: disable=protected-access
+    assert all(len(q) == 1 and low <= q[0] <= high for q in drawn)
+  drawn = [data._jpeg_qualities(2, rng) for _ in range(4000)]  # pylint: disable=protected-access
+  assert min(min(q) for q in drawn) >= 27 and max(max(q) for q in drawn) <= 70
+  assert all(q == sorted(q, reverse=True) for q in drawn)
+  counts = np.bincount([len(q) for q in drawn], minlength=4)[1:] / len(drawn)
+  np.testing.assert_allclose(counts, [0.6, 0.3, 0.1], atol=0.03)
+
+
 # --- pairs and batches -------------------------------------------------------------------------------
 
 

@@ -220,15 +220,17 @@ def _jpeg_qualities(noise_level, rng):
     return [int(rng.integers(85, 96))]
   if noise_level == 1:
     return [int(rng.integers(65, 86))]
-  first = int(rng.integers(27, 71))
+  # The first quality's range depends on how many encodings follow (as in waifu2x's
+  # pairwise_transform_jpeg_scale), so that none goes below 27.
   times = rng.random()
   if times < 0.6:
-    qualities = [first]
-  elif times < 0.9:
-    qualities = [first, first - int(rng.integers(5, 11))]
-  else:  # both later qualities count down from the first (as in waifu2x), so the third is the lowest
-    qualities = [first, first - int(rng.integers(5, 16)), first - int(rng.integers(15, 26))]
-  return [max(q, 1) for q in qualities]
+    return [int(rng.integers(27, 71))]
+  if times < 0.9:
+    first = int(rng.integers(37, 71))
+    return [first, first - int(rng.integers(5, 11))]
+  # both later qualities count down from the first (as in waifu2x), so the third is the lowest
+  first = int(rng.integers(52, 71))
+  return [first, first - int(rng.integers(5, 16)), first - int(rng.integers(15, 26))]
 
 
 def _region_and_offset(length, patch, rng):
