@@ -339,3 +339,33 @@ def test_list_with_bom_bad_tile_size_and_output_too_large(tmp_path, capsys, mode
   assert 'wide.png: the output would be 18000x4, over the 16383 pixels per side that webp' in err
   assert all(shape[1] != 9000 for shape in ran) and len(ran) == 2
   assert sorted(os.listdir(tmp_path / 'o3')) == ['one.webp', 'two.webp']
+
+
+def test_ctrl_c_and_a_silent_peer_end_in_one_line(tmp_path, capsys, model_dirs, monkeypatch):
+  for name in ('a', 'b', 'c'):
+    _png(tmp_path / 'in' / f'{name}.png', (4, 5, 3))
+  real = upscale.process
+  calls = []
+
+  def interrupted_on_second(src, *args):
+    calls.append(src)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(src, *args)
+  monkeypatch.setattr(upscale, 'process', interrupted_on_second)
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'o', '-m',
+                        model_dirs['2x'], '--quiet', *FAST)
+  assert (code, out.strip()) == (130, '1 done, 0 skipped, 0 failed') and 'interrupted' in err
+  assert os.listdir(tmp_path / 'o') == ['a.png'] and not _tmp_files(tmp_path)
+  # A peer process that died: its gather fails; this process says so in one line.
+  monkeypatch.setattr(upscale, 'process', real)
+
+  def dead_peer(values):
+    raise RuntimeError('Gloo context initialization failed: DEADLINE_EXCEEDED\nmore')
+  monkeypatch.setattr(upscale.distributed, 'allgather', dead_peer)
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'o2', '-m',
+                        model_dirs['2x'], '--quiet', *FAST)
+  assert code == 1 and out == ''
+  assert err.strip().splitlines() == [
+      'w2x_jax.upscale: the other processes did not answer (Gloo context initialization failed: '
+      'DEADLINE_EXCEEDED); this one: 3 done, 0 skipped, 0 failed']

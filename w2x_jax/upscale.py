@@ -464,7 +464,7 @@ def main(argv=None, load_model_fn=None):
       err(f'{PROG}: -s 1 -n -1 runs no model: the images are only converted')
   runner = Runner(args, load_model_fn or load_model)
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
-  fatal = False
+  fatal = interrupted = False
   # disable=None: tqdm draws nothing where stderr is not a terminal (redirected to a log file).
   bar = tqdm.tqdm(jobs, unit='file', disable=None if show else True, file=sys.stderr,
                   dynamic_ncols=True)
@@ -485,17 +485,34 @@ def main(argv=None, load_model_fn=None):
   except ModelError as e:
     err(f'{PROG}: {e}')
     fatal = True
+  except KeyboardInterrupt:  # Ctrl+C: what is done stays done (outputs are never partial)
+    err(f'{PROG}: interrupted')
+    interrupted = True
   bar.close()
-  # Every process reaches this gather, a fatal error included, so that none waits forever.
-  totals = distributed.allgather([counts['done'], counts['skipped'], counts['failed'], fatal])
-  done, skipped, failed, fatal_anywhere = totals.sum(axis=0).tolist()
+  # Every process reaches this gather, a fatal error or Ctrl+C included, so that none waits forever.
+  try:
+    totals = distributed.allgather([counts['done'], counts['skipped'], counts['failed'], fatal,
+                                    interrupted])
+  except KeyboardInterrupt:  # a second Ctrl+C while the others finish
+    return 130
+  except Exception as e:  # pylint: disable=broad-except (a process that died: one line, no traceback)
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    err(f'{PROG}: the other processes did not answer ({reason}); this one: {counts["done"]} done, '
+        f'{counts["skipped"]} skipped, {counts["failed"]} failed')
+    return 1
+  done, skipped, failed, fatal_anywhere, interrupted_anywhere = totals.sum(axis=0).tolist()
   if fatal_anywhere:
     if rank == 0 and not fatal:
       err(f'{PROG}: stopped by a model error on process(es) '
           + ', '.join(str(i) for i in range(size) if totals[i, 3]))
     return 1
   if rank == 0:
+    if interrupted_anywhere and not interrupted:
+      err(f'{PROG}: interrupted on process(es) '
+          + ', '.join(str(i) for i in range(size) if totals[i, 4]))
     print(f'{done} done, {skipped} skipped, {failed} failed')
+  if interrupted_anywhere:
+    return 130 if interrupted else 1
   return 1 if failed else 0
 
 
