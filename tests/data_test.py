@@ -169,6 +169,28 @@ def test_crops_and_variants_vary(images):
   assert not np.array_equal(batch['hr'], other['hr'])
 
 
+def test_dihedral_table_turns_as_numpy_views_do():
+  image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  for (k, flip), op in data._DIHEDRAL.items():  # pylint: disable=protected-access
+    view = np.rot90(image, k)[:, ::-1] if flip else np.rot90(image, k)
+    turned = Image.fromarray(image) if op is None else Image.fromarray(image).transpose(op)
+    np.testing.assert_array_equal(np.asarray(turned), view, err_msg=str((k, flip)))
+
+
+def test_crops_reach_every_part_of_the_image():
+  """Patches start anywhere (the borders included), not only where a context margin fits."""
+  h, w = 40, 48
+  image = np.zeros((h, w, 3), np.uint8)
+  image[..., 0], image[..., 1] = np.mgrid[0:h, 0:w]  # each pixel holds its own position
+  count = np.zeros((h, w))
+  for i in range(1000):
+    _, hr = data.make_pair(image, np.random.default_rng(i), **pair_options(noise_level=-1))
+    np.add.at(count, (hr[..., 0].ravel(), hr[..., 1].ravel()), 1)
+  assert count[0, 16:32].min() > 0 and count[h - 1, 16:32].min() > 0  # top and bottom rows
+  assert count[16:24, 0].min() > 0 and count[16:24, w - 1].min() > 0  # left and right columns
+  assert count.max() < 3 * count.mean()  # the centre no more than random crops favour it
+
+
 def test_pair_is_aligned_with_box_filter(images):
   """With only the box filter and no noise, lr is the 2x2 mean of hr: the crop is aligned.
 

@@ -54,12 +54,13 @@ DEFAULT_IMAGE_FILES = (
 # phase against the 8x8 JPEG blocks (16x16 with 4:2:0 chroma) varies as it does in real images.
 _CONTEXT_MIN = 4
 _PHASES = 16
-# The 8 flips and 90-degree rotations (None: as is), and those that swap height and width.
-_DIHEDRAL = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270,
-             Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.TRANSPOSE,
-             Image.Transpose.TRANSVERSE)
-_AXES_SWAPPED = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-                 Image.Transpose.TRANSVERSE)
+# The 8 flips and 90-degree rotations as (quarter turns counter-clockwise, then a left-right flip),
+# numpy's views (np.rot90, [:, ::-1]) to place the crop, and the Pillow transpose that does the
+# same to pixels (in C, without the GIL, faster than copying a rotated numpy view).
+_DIHEDRAL = {(0, False): None, (0, True): Image.Transpose.FLIP_LEFT_RIGHT,
+             (1, False): Image.Transpose.ROTATE_90, (1, True): Image.Transpose.TRANSVERSE,
+             (2, False): Image.Transpose.ROTATE_180, (2, True): Image.Transpose.FLIP_TOP_BOTTOM,
+             (3, False): Image.Transpose.ROTATE_270, (3, True): Image.Transpose.TRANSPOSE}
 
 
 class DataError(ValueError):
@@ -233,13 +234,19 @@ def _jpeg_qualities(noise_level, rng):
   return [first, first - int(rng.integers(5, 16)), first - int(rng.integers(15, 26))]
 
 
-def _region_and_offset(length, patch, rng):
-  """(region length, patch offset in it) along one axis, in low-resolution pixels."""
-  wanted = patch + 2 * _CONTEXT_MIN + _PHASES - 1
-  region = min(length, -(-wanted // _PHASES) * _PHASES)  # whole JPEG blocks where the image allows
-  context = min(_CONTEXT_MIN, (region - patch) // 2)
-  offsets = min(_PHASES, region - patch - 2 * context + 1)
-  return region, context + int(rng.integers(offsets))
+def _region_along(length, patch, scale, rng):
+  """(region start in high-resolution pixels, region length and patch offset in low-resolution
+  pixels) along one axis of `length` high-resolution pixels.
+
+  The patch starts anywhere in the image, uniformly (every pixel can be in a patch, none is
+  favoured beyond what random crops of one size do); the region adds up to _CONTEXT_MIN + a random
+  JPEG phase (0-15) low-resolution pixels before it and _CONTEXT_MIN after, and reaches whole 16-pixel
+  blocks where the image allows. At the image's edges the region stops there, as real images do."""
+  start = int(rng.integers(length - patch * scale + 1))
+  before = min(start // scale, _CONTEXT_MIN + int(rng.integers(_PHASES)))
+  region_start = start - before * scale
+  wanted = -(-(before + patch + _CONTEXT_MIN) // _PHASES) * _PHASES
+  return region_start, min(wanted, (length - region_start) // scale), before
 
 
 def make_pair(image, rng, *, patch_size, scale, noise_level, nr_rate, filter_weights):
@@ -256,20 +263,18 @@ def make_pair(image, rng, *, patch_size, scale, noise_level, nr_rate, filter_wei
   if min(image.shape[:2]) < p * s:
     raise DataError(f'image of {image.shape[1]}x{image.shape[0]} is smaller than one patch ({p * s})')
   # One of the 8 flips/rotations, applied to the clean region before any degradation (JPEG's grid and
-  # quantisation tables keep their real orientation). Pillow does the pixel work: fewer copies, no GIL.
-  transpose = _DIHEDRAL[int(rng.integers(8))]
-  swap = transpose in _AXES_SWAPPED
-  height, width = image.shape[:2]
-  if swap:
-    height, width = width, height  # the transformed image's sides
-  region_h, offset_y = _region_and_offset(height // s, p, rng)  # low-resolution pixels
-  region_w, offset_x = _region_and_offset(width // s, p, rng)
-  source_h, source_w = (region_w * s, region_h * s) if swap else (region_h * s, region_w * s)
-  top = int(rng.integers(image.shape[0] - source_h + 1))
-  left = int(rng.integers(image.shape[1] - source_w + 1))
-  region = Image.fromarray(image[top:top + source_h, left:left + source_w])
-  if transpose is not None:
-    region = region.transpose(transpose)
+  # quantisation tables keep their real orientation). The crop is placed in the turned image (a numpy
+  # view); its pixels are copied in the image's own orientation and turned by Pillow.
+  k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
+  view = np.rot90(image, k)
+  if flip:
+    view = view[:, ::-1]
+  top, region_h, offset_y = _region_along(view.shape[0], p, s, rng)
+  left, region_w, offset_x = _region_along(view.shape[1], p, s, rng)
+  crop = view[top:top + region_h * s, left:left + region_w * s]
+  region = Image.fromarray(np.ascontiguousarray(np.rot90(crop[:, ::-1] if flip else crop, -k)))
+  if _DIHEDRAL[k, flip] is not None:
+    region = region.transpose(_DIHEDRAL[k, flip])
   hr = np.asarray(region)[offset_y * s:(offset_y + p) * s, offset_x * s:(offset_x + p) * s]
   lr = region
   if s > 1:
