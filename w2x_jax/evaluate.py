@@ -11,6 +11,7 @@ from PIL import Image
 
 from w2x_jax import compilation_cache
 from w2x_jax import metrics as metrics_lib
+from w2x_jax import upscale
 
 # JPEG qualities used to make the noisy input of each noise level at evaluation (fixed, so runs compare):
 # one encoding per quality, in order (levels 2 and 3 encode twice, as real re-saved images are).
@@ -155,26 +156,14 @@ def make_predictor(model_name, tta, tile_size=None):
   if model_name == 'bicubic':
     return None, None, 'bicubic'
   from w2x_jax import inference  # pylint: disable=g-import-not-at-top
-  from w2x_jax import upscale  # pylint: disable=g-import-not-at-top
   model, params, config = upscale.load_model(model_name)
   upscaler = inference.Upscaler(params, config.model, model=model, tile_size=tile_size)
-  margin = upscaler.margin(3)
-  if upscaler.tile_size <= 2 * margin:
-    raise ValueError(f'--tile-size {upscaler.tile_size} must exceed twice the model\'s margin '
-                     f'({margin}): at least {2 * margin + 1}')
 
   def predict(lr_uint8):
     out = upscaler(lr_uint8.astype(np.float32) / 255.0, tta=tta)
     return metrics_lib.to_uint8_range(out).astype(np.uint8)
 
   return predict, int(config.model.scale), f'{model_name} ({config.model.name})'
-
-
-def _positive(text):
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'{value} must be >= 1')
-  return value
 
 
 def main(argv=None):
@@ -189,10 +178,11 @@ def main(argv=None):
   parser.add_argument('--noise-level', '-n', type=int, default=-1, choices=sorted(EVAL_JPEG_QUALITIES),
                       help='JPEG noise on the input at fixed qualities per level: '
                       + ', '.join(f'{k}: {list(v)}' for k, v in EVAL_JPEG_QUALITIES.items()))
-  parser.add_argument('--scale', type=_positive, default=2,
+  positive = upscale._positive  # pylint: disable=protected-access (the command's own check)
+  parser.add_argument('--scale', type=positive, default=2,
                       help='for bicubic (models have their own)')
   parser.add_argument('--tta', action='store_true', help='average the 8 flips and rotations')
-  parser.add_argument('--tile-size', type=_positive, default=None)
+  parser.add_argument('--tile-size', type=positive, default=None)
   parser.add_argument('--json', metavar='FILE', help='write the figures as JSON')
   parser.add_argument('--compare-dir', metavar='DIR', default=None,
                       help='write a side-by-side PNG per dataset here (input, bicubic, model, truth)')

@@ -208,6 +208,10 @@ class Upscaler:
     self.tile_model = self.model.clone(valid=True) if valid else self.model
     self.devices = list(devices) if devices is not None else jax.local_devices()
     self.tile_size = int(tile_size or DEFAULT_TILE_SIZE)
+    margin = self.margin(3)  # the widest: an RGB image's (a Y-only model adds the chroma's)
+    if self.tile_size <= 2 * margin:
+      raise ValueError(f'tile size {self.tile_size} must exceed twice the model margin ({margin}): '
+                       f'at least {2 * margin + 1}')
     n = len(self.devices)
     # A multiple of the device count so that every device gets the same number of tiles.
     self.batch_size = -(-int(batch_size or n) // n) * n
@@ -231,8 +235,6 @@ class Upscaler:
     DCSCN takes 4 tiles of 288, 0.33 M pixels, instead of 4 of 320, 0.41 M)."""
     margin = self.margin(channels)
     side = self.tile_size
-    if side <= 2 * margin:
-      raise ValueError(f'tile size {side} must exceed twice the model margin ({margin})')
     step = max(TILE_SIDE_STEP, side // 10 // TILE_SIDE_STEP * TILE_SIDE_STEP)
     below = range((side - step // 2) // step * step, 4 * margin - 1, -step)
     sides = [side] + list(below)[:TILE_SIDES - 1]
@@ -278,7 +280,10 @@ class Upscaler:
     `_check_image`); returns (H*s, W*s, C) of `out_dtype` (floats clipped to [0, 1], or
     uint8/uint16 over their full range), written into `out` if given.
     `progress(done_tiles, total_tiles)` is called after each batch."""
-    image = _check_image(image)
+    return self._run(_check_image(image), tta, progress, out_dtype, out)
+
+  def _run(self, image, tta, progress, out_dtype, out):
+    """`__call__` on an image `_check_image` has already given (one pass over it, not two)."""
     h, w, c = image.shape
     s = self.scale
     margin = self.margin(c)
@@ -393,7 +398,7 @@ def upscale_image(upscaler, image, *, tta=False, progress=None, out_dtype=np.flo
   image = _check_image(image)
   h, w, c = image.shape
   if c in (1, 3):
-    return upscaler(image, tta=tta, progress=progress, out_dtype=out_dtype)
+    return upscaler._run(image, tta, progress, out_dtype, None)  # pylint: disable=protected-access
   s = upscaler.scale
   colour, alpha = image[..., :-1], image[..., -1]
   filled = colour
@@ -403,9 +408,9 @@ def upscale_image(upscaler, image, *, tta=False, progress=None, out_dtype=np.flo
   if s > 1 and lo != hi:
     if filled is not colour:  # a new array: put alpha back beside it
       image = np.concatenate([filled, alpha[..., None]], axis=-1)
-    return upscaler(image, tta=tta, progress=progress, out_dtype=out_dtype)
+    return upscaler._run(image, tta, progress, out_dtype, None)  # pylint: disable=protected-access
   out = np.empty((h * s, w * s, c), out_dtype)
-  upscaler(filled, tta=tta, progress=progress, out=out[..., :-1])
+  upscaler._run(filled, tta, progress, out_dtype, out[..., :-1])  # pylint: disable=protected-access
   if lo == hi:
     out[..., -1] = quantize(np.float32(lo), out_dtype)
   else:  # scale 1: alpha kept as it is

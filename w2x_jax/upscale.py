@@ -186,14 +186,14 @@ class Runner:
   def upscaler(self, key):
     if key not in self._upscalers:
       model, params, config = self.load_fn(key)
-      upscaler = inference.Upscaler(params, config.model, model=model,
-                                    tile_size=self.args.tile_size, batch_size=self.args.batch_size)
-      margin = upscaler.margin(3)  # an RGB image's (a Y-only model adds the chroma's)
-      if upscaler.tile_size <= 2 * margin:  # once for the run, not once per file
-        raise ModelError(f'model {key}: --tile-size {upscaler.tile_size} must exceed twice its '
-                         f'margin ({margin}): at least {2 * margin + 1}')
+      try:  # a tile size the margin does not fit: once for the run, not once per file
+        upscaler = inference.Upscaler(params, config.model, model=model,
+                                      tile_size=self.args.tile_size, batch_size=self.args.batch_size)
+      except ValueError as e:
+        raise ModelError(f'model {key}: --tile-size: {e}') from e
       self._upscalers[key] = upscaler
       if not self.args.quiet:
+        margin = upscaler.margin(3)
         overhead = inference.margin_overhead(config.model, upscaler.tile_size)
         _say(f'{PROG}: model {key}: tiles of up to {upscaler.tile_size} px overlapping by {margin} px, '
             f'{overhead:.0%} of their input pixels on the overlap '
@@ -281,7 +281,8 @@ def upscale_loaded(image, info, fmt, runner, args, name, pass_progress=None):
   keys, target = runner.passes(image.shape[0], image.shape[1])
   height, width = image.shape[:2]
   for key in keys:
-    height, width = height * runner.upscaler(key).scale, width * runner.upscaler(key).scale
+    scale = runner.upscaler(key).scale
+    height, width = height * scale, width * scale
   height, width = target or (height, width)
   if max(height, width) > image_io.MAX_SIDES[fmt]:  # before the passes, not after their work
     raise JobError(f'{name}: the output would be {width}x{height}, over the '
@@ -398,18 +399,14 @@ def parse_args(argv=None):
 
 def _job_format(args, single_output):
   """The output format; for a single image written to a named file, its suffix may choose."""
+  suffix = os.path.splitext(single_output or '')[1].lower()
   if args.format:
     fmt = image_io.output_format('', args.format)
-    suffix = os.path.splitext(single_output or '')[1].lower()
     if suffix in image_io.SUFFIX_FORMATS and image_io.SUFFIX_FORMATS[suffix] != fmt:
       raise image_io.ImageError(f'{single_output}: its suffix says {image_io.SUFFIX_FORMATS[suffix]}'
                                 f' but -f says {fmt}; one of them must change')
     return fmt
-  if single_output is not None:
-    suffix = os.path.splitext(single_output)[1].lower()
-    if suffix:
-      return image_io.output_format(single_output)
-  return 'png'
+  return image_io.output_format(single_output) if suffix else 'png'
 
 
 def main(argv=None, load_model_fn=None):

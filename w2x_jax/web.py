@@ -254,7 +254,7 @@ class Server:
     self.lock = threading.Lock()
     self.queue = queue.Queue()
     self._seq = itertools.count()
-    self.upload_timeout = getattr(args, 'upload_timeout', DEFAULT_UPLOAD_TIMEOUT)
+    self.upload_timeout = args.upload_timeout
     self._probe_lock = None  # an asyncio.Lock, made in the event loop
     self.worker = threading.Thread(target=self._work, name='w2x-web-worker', daemon=True)
     self.worker.start()
