@@ -418,7 +418,29 @@ def test_jobs_run_one_at_a_time(server):
 
 def test_stop_removes_the_temporary_folder(server):
   assert os.path.isdir(server.temp_folder)
+  # An upload still arriving when the server stops (after its graceful wait): answered, not a
+  # traceback in the server's output.
+  host, port = server.url.split('/')[2].split(':')
+  conn = http.client.HTTPConnection(host, int(port), timeout=60)
+  conn.putrequest('POST', '/api/jobs?model=m0')
+  conn.putheader('X-Filename', 'arriving.png')
+  conn.putheader('Content-Length', '100000')
+  conn.endheaders()
+  sending = threading.Event()
+  sending.set()
+
+  def trickle():  # a byte more often than --upload-timeout: never dropped as stalled
+    try:
+      while sending.is_set():
+        conn.send(b'0')
+        time.sleep(0.5)
+    except OSError:
+      pass
+  threading.Thread(target=trickle, daemon=True).start()
+  time.sleep(1)
   assert server.stop(signal.SIGINT) == 0
+  sending.clear()
+  assert 'Traceback' not in server.output, server.output
   assert not os.path.exists(server.temp_folder)
   assert os.listdir(server.tmp) == [] and os.listdir(server.cwd) == []
   assert server.output.rstrip().endswith('w2x_jax.web: stopped')

@@ -514,7 +514,9 @@ class Server:
         self._probe_lock = asyncio.Lock()
       async with self._probe_lock:  # one decode at a time besides the worker's
         await run_in_threadpool(self.probe, job)
-    except (RequestError, ClientDisconnect, OSError) as e:
+    except (RequestError, ClientDisconnect, OSError, asyncio.CancelledError) as e:
+      # CancelledError: the server stops (Ctrl+C) while this upload still arrives; answered
+      # below instead of re-raised, which uvicorn would log as a traceback.
       job.state = 'error'
       with self.lock:
         self.jobs.pop(job.id, None)
@@ -523,6 +525,8 @@ class Server:
         return _error(e.status, str(e))
       if isinstance(e, OSError):
         return _error(507, f'{name}: cannot store the upload: {e.strerror or e}')
+      if isinstance(e, asyncio.CancelledError):
+        return _error(503, f'{name}: the server is stopping')
       return Response(status_code=400)
     with self.lock:  # numbered as queued (the queue's order), not as its upload began
       job.seq = next(self._seq)
