@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageOps
 
+from w2x_jax import data
 from w2x_jax import image_io
 
 SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile('sRGB')).tobytes()
@@ -231,6 +232,27 @@ def test_float_image_read(tmp_path):
   image, info = image_io.read_image(tmp_path / 'f.tif')
   assert image.shape == (30, 40, 1) and info.bit_depth == 16
   np.testing.assert_allclose(image[..., 0], np.clip(data, 0, 1))
+
+
+def test_32bit_integer_tiff_spans_its_range(tmp_path):
+  """A 32-bit integer TIFF's white is its type's largest value, not 16-bit white (it had been
+  clipped to white above 65535)."""
+  ramp = np.linspace(0, 2 ** 31 - 1, 30 * 40).reshape(30, 40).astype(np.int32)
+  Image.fromarray(ramp, 'I').save(tmp_path / 'i32.tif')
+  image, info = image_io.read_image(tmp_path / 'i32.tif')
+  assert image.shape == (30, 40, 1) and info.bit_depth == 16
+  np.testing.assert_allclose(image[..., 0], ramp / (2 ** 31 - 1), atol=1e-6)
+  (loaded,) = data.load_images(tmp_path, min_size=8)  # training reads it alike
+  np.testing.assert_array_equal(loaded[..., 0], np.round(ramp * (255 / (2 ** 31 - 1))))
+  # Unsigned (SampleFormat 1, which Pillow does not write: set in the file's first directory).
+  tiff = bytearray((tmp_path / 'i32.tif').read_bytes())
+  (ifd,) = struct.unpack('<I', tiff[4:8])
+  for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack('<H', tiff[ifd:ifd + 2])[0], 12):
+    if struct.unpack('<H', tiff[entry:entry + 2])[0] == 339:
+      tiff[entry + 8:entry + 10] = struct.pack('<H', 1)
+  (tmp_path / 'i32.tif').write_bytes(tiff)
+  image, _ = image_io.read_image(tmp_path / 'i32.tif')
+  np.testing.assert_allclose(image[..., 0], ramp / (2 ** 32 - 1), atol=1e-6)
 
 
 def test_long_file_name_written(tmp_path):

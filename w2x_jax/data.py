@@ -34,6 +34,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from w2x_jax import image_io
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
 NOISE_LEVELS = (-1, 0, 1, 2, 3)
 FILTERS = {
@@ -107,14 +109,14 @@ def _filter_table(filter_weights):
 
 
 def _to_rgb_uint8(image):
-  """HxWx3 uint8 from any Pillow mode: grey expanded, alpha dropped, 16-bit scaled down, float
-  [0, 1] scaled up."""
+  """HxWx3 uint8 from any Pillow mode: grey expanded, alpha dropped, 16- and 32-bit scaled down,
+  float [0, 1] scaled up (NaN as 0)."""
   if image.mode.startswith('I') or image.mode == 'F':
-    values = np.asarray(image, np.float64)
     if image.mode == 'F':
-      values = values * 255.0  # float images hold [0, 1], as image_io reads them
-    elif image.mode.startswith('I;16') or values.max() > 255:
-      values = values / 257.0  # 16-bit: 65535 -> 255
+      values = np.nan_to_num(np.asarray(image, np.float64)) * 255.0  # float images hold [0, 1], as image_io reads them
+    else:  # 16 or 32 bits: white -> 255
+      values, white = image_io.integer_pixels(image)
+      values = values * (255.0 / white)
     grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
   if image.mode == 'P':

@@ -140,6 +140,24 @@ def _to_float(data, maxval):
   return out if out.ndim == 3 else out[..., None]
 
 
+def integer_pixels(im, full_scale=None):
+  """(values, white) of an integer-mode ('I', 'I;16*') Pillow image: 32-bit TIFF samples span
+  their type's range (signed where SampleFormat says so), other such images (16-bit PNG, PGM,
+  which Pillow scales to 16 bits) 65535. `full_scale`: white as found before a transpose (which
+  drops the TIFF tags)."""
+  white = full_scale or integer_full_scale(im)
+  values = np.asarray(im)
+  return (values.view(np.uint32) if white == 2 ** 32 - 1 else values), white
+
+
+def integer_full_scale(im):
+  """White of an integer-mode Pillow image (see integer_pixels)."""
+  tags = getattr(im, 'tag_v2', None)
+  if im.mode == 'I' and tags is not None and tuple(tags.get(258, ()))[:1] == (32,):
+    return 2 ** 31 - 1 if tuple(tags.get(339, (1,)))[:1] == (2,) else 2 ** 32 - 1
+  return 65535
+
+
 def _has_transparency(im):
   """An alpha band, a tRNS colour or palette alphas (Pillow's has_transparency_data, which
   changed from a method to a property across versions)."""
@@ -162,11 +180,12 @@ def _read(path, im):
       image = _to_float(data, 65535)
       return image, ImageInfo(_PNG16_COLOUR_TYPES[colour_type], image.shape[-1], 16, icc, fmt)
   im.load()  # decoding errors surface here
+  white = integer_full_scale(im) if mode in _MODES_16 else 1
   im = ImageOps.exif_transpose(im)
   if mode in _MODES_16 or mode == 'F':
-    raw = np.asarray(im)
+    raw = integer_pixels(im, white)[0] if mode in _MODES_16 else np.asarray(im)
     # (NaN as 0: a float file's NaN pixels would blank what the model computes around them)
-    image = np.clip(np.nan_to_num(_to_float(raw, 1 if mode == 'F' else 65535)), 0, 1)
+    image = np.clip(np.nan_to_num(_to_float(raw, white)), 0, 1)
     trns = im.info.get('transparency')
     if isinstance(trns, int) and mode != 'F':
       image = np.concatenate([image, (raw != trns).astype(np.float32)[..., None]], -1)
