@@ -318,7 +318,7 @@ def test_http_errors_leave_nothing_behind(server, files):
       'a text file': (server.upload(b'plain text, no image\n', 'notes.txt'),
                       415, 'notes.txt: not an image, or a damaged one'),
       'a corrupt PNG': (server.upload(png[:len(png) // 2], 'cut.png'),
-                        422, 'cut.png: a damaged image, cannot read it: '),
+                        422, 'cut.png: cannot read the image: image file is truncated'),
       'over the pixel limit': (server.upload(_png_bytes((161, 160)), 'wide.png'),
                                422, 'wide.png: 161x160 is 0.0258 megapixels, over the limit '
                                'of this server: 0.0256 megapixels (160x160); shrink the image'),
