@@ -123,7 +123,7 @@ def make_tile_fn(model, model_cfg, channels, tta=False, out_dtype=np.float32, ma
 
   def fn(params, x):
     x = x.astype(jnp.float32)
-    if tta:
+    if tta:  # the 8 dihedral outputs averaged, then clipped once (as nunif's TTA)
       y = sum(_undihedral(once(params, _dihedral(x, k)), k) for k in range(8)) / 8.0
     else:
       y = once(params, x)
