@@ -283,7 +283,11 @@ def test_input_and_output_dtypes_and_non_finite_pixels():
   assert np.isnan(bad[5, 5, 0])  # the caller's array is left as it was
   assert up(image, out_dtype=np.float64).dtype == np.float64
   np.testing.assert_allclose(up(image, out_dtype=np.float16), want, atol=1e-3)
-  with pytest.raises(ValueError, match='out_dtype complex64: must be a float or integer type'):
-    up(image, out_dtype=np.complex64)
+  for dtype in (np.complex64, np.int8, np.int32):
+    with pytest.raises(ValueError, match=f'out_dtype {np.dtype(dtype)}: must be a float or unsigned'):
+      up(image, out_dtype=dtype)
+  for bad_arg in (dict(batch_size=-1), dict(batch_size=0), dict(tile_size=0)):
+    with pytest.raises(ValueError, match=f'{next(iter(bad_arg))}=.*: must be a positive integer'):
+      inference.Upscaler(params, cfg, model=model, **bad_arg)
   with pytest.raises(ValueError, match='expected a float or integer image'):
     up(image.astype(np.complex64))

@@ -111,6 +111,12 @@ def test_metrics_plot_restore_and_export(tmp_path, caplog):
   assert model.apply({'params': params}, x).shape == (1, 10, 14, 3)
   _, params2, _ = checkpoint.restore_model(workdir / checkpoint.CHECKPOINT_DIR / '2')
   assert not np.allclose(jax.tree.leaves(params2)[0], jax.tree.leaves(params)[0])
+  _, params2_by_step, _ = checkpoint.restore_model(workdir, step=2)
+  jax.tree.map(np.testing.assert_array_equal, params2_by_step, params2)
+  with pytest.raises(checkpoint.CheckpointError, match=r'no checkpoint of step 3 \(it keeps steps 2, 4\)'):
+    checkpoint.restore_model(workdir, step=3)
+  with pytest.raises(checkpoint.CheckpointError, match='step=2 and best=True name different'):
+    checkpoint.restore_model(workdir, step=2, best=True)
 
   exported = checkpoint.export_model(tmp_path / 'exported', params, config)
   assert sorted(os.listdir(exported)) == [checkpoint.CONFIG_FILE, checkpoint.PARAMS_FILE]

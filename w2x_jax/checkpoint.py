@@ -181,6 +181,8 @@ def restore_model(path, step=None, best=False):
   Only the parameters are read, never the optimizer state.
   """
   path = os.path.abspath(os.fspath(path))
+  if step is not None and best:
+    raise CheckpointError(f'{path}: step={step} and best=True name different checkpoints; give one')
   if not os.path.isdir(path):
     raise CheckpointError(f'{path}: no such model folder')
   if os.path.exists(os.path.join(path, PARAMS_FILE)):  # an exported model
@@ -212,6 +214,9 @@ def restore_model(path, step=None, best=False):
     step = manager.latest_step()
   if step is None:
     raise CheckpointError(f'{workdir}: holds no checkpoint yet')
+  if step not in manager.all_steps():
+    raise CheckpointError(f'{workdir}: no checkpoint of step {step} (it keeps steps '
+                          f'{", ".join(map(str, manager.all_steps())) or "none"})')
   restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
   return model, restored['params'], config
 

@@ -185,8 +185,9 @@ def _check_image(image):
 
 def _check_out_dtype(dtype):
   dtype = np.dtype(dtype)
-  if dtype.kind not in 'fui':
-    raise ValueError(f'out_dtype {dtype}: must be a float or integer type (float32, uint8, uint16)')
+  if dtype.kind not in 'fu':  # signed: which value is black is a guess; the caller converts
+    raise ValueError(f'out_dtype {dtype}: must be a float or unsigned integer type (float32, '
+                     'uint8, uint16)')
   return dtype
 
 
@@ -207,6 +208,9 @@ class Upscaler:
     valid = hasattr(self.model, 'valid') and not self.model.valid
     self.tile_model = self.model.clone(valid=True) if valid else self.model
     self.devices = list(devices) if devices is not None else jax.local_devices()
+    for name, value in (('tile_size', tile_size), ('batch_size', batch_size)):
+      if value is not None and int(value) < 1:  # None is the default; 0 or less is a mistake
+        raise ValueError(f'{name}={value}: must be a positive integer (or None for the default)')
     self.tile_size = int(tile_size or DEFAULT_TILE_SIZE)
     margin = self.margin(3)  # the widest: an RGB image's (a Y-only model adds the chroma's)
     if self.tile_size <= 2 * margin:
