@@ -2,6 +2,7 @@
 overwrite, exit codes, model choice per -n/-s, modes kept, JPEG and alpha, missing shipped model."""
 
 import os
+import signal
 import sys
 
 import jax
@@ -369,3 +370,116 @@ def test_ctrl_c_and_a_silent_peer_end_in_one_line(tmp_path, capsys, model_dirs, 
   assert err.strip().splitlines() == [
       'w2x_jax.upscale: the other processes did not answer (Gloo context initialization failed: '
       'DEADLINE_EXCEEDED); this one: 3 done, 0 skipped, 0 failed']
+
+
+def _no_model(name):
+  raise AssertionError(f'no model should be loaded (no work should start): {name}')
+
+
+def test_pipes_unlistable_folders_links_and_lists_in_other_encodings(tmp_path, capsys, model_dirs):
+  src = tmp_path / 'in'
+  _png(src / 'ok.png', (4, 4, 3))
+  os.mkfifo(src / 'pipe.png')  # opening it would wait for a writer for ever
+  _png(tmp_path / 'elsewhere' / 'linked.png', (4, 4, 3))
+  os.symlink(tmp_path / 'elsewhere', src / 'link')  # a linked folder is followed ...
+  os.symlink(src, tmp_path / 'elsewhere' / 'loop')  # ... and a loop ends
+  locked = src / 'locked'
+  _png(locked / 'x.png', (4, 4, 3))
+  os.chmod(locked, 0)
+  try:
+    unlistable = not os.access(locked, os.R_OK)  # root lists it anyway
+    code, out, err = _run(capsys, '-i', src, '-o', tmp_path / 'out', '-m', model_dirs['2x'],
+                          '--quiet', *FAST)
+  finally:
+    os.chmod(locked, 0o755)
+  failed = 1 + int(unlistable)
+  assert code == 1
+  assert out.strip() == f'{3 - int(unlistable)} done, 0 skipped, {failed} failed'
+  assert 'pipe.png: cannot read: not a regular file (a pipe or a device)' in err
+  assert os.path.exists(tmp_path / 'out' / 'link' / 'linked.png')
+  if unlistable:
+    assert f'{locked}: cannot list the folder' in err
+  # A list in another encoding than UTF-8 (its bytes are the file names), a file listed twice
+  # (it runs once), and a pipe named as a list (not a list: a file that cannot be read).
+  (tmp_path / 'latin.txt').write_bytes(b'in/ok.png\nin/caf\xe9.png\nin/ok.png\n')
+  code, out, err = _run(capsys, '-i', tmp_path / 'latin.txt', '-o', tmp_path / 'o2', '--quiet',
+                        '-m', model_dirs['2x'], *FAST)
+  assert (code, out.strip()) == (1, '1 done, 0 skipped, 1 failed')
+  assert err.strip().splitlines() == [f'{tmp_path}/in/caf\\udce9.png: cannot read: No such file or '
+                                      'directory']
+  os.mkfifo(tmp_path / 'fifo.txt')
+  code, out, err = _run(capsys, '-i', tmp_path / 'fifo.txt', '-o', tmp_path / 'o3', '--quiet',
+                        '-m', model_dirs['2x'], *FAST)
+  assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
+  assert 'fifo.txt: cannot read: not a regular file (a pipe or a device)' in err
+
+
+def test_output_folder_that_cannot_be_written_fails_before_the_work(tmp_path, capsys):
+  _png(tmp_path / 'in' / 'a.png', (4, 4, 3))
+  (tmp_path / 'file').write_text('not a folder')
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'file' / 'sub', '--quiet',
+                        *FAST, load_model_fn=_no_model)
+  assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
+  assert f'cannot write: {tmp_path / "file"} is not a folder' in err
+
+
+def test_an_output_never_replaces_another_input(tmp_path, capsys, model_dirs):
+  # -i D/in -o D: D/in/in/x.jpg's output is D/in/x.png, itself an input.
+  before = _png(tmp_path / 'in' / 'x.png', (4, 4, 3))
+  os.makedirs(tmp_path / 'in' / 'in')
+  Image.fromarray(before[::-1]).save(tmp_path / 'in' / 'in' / 'x.jpg')
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path, '--overwrite', '--quiet',
+                        '-m', model_dirs['2x'], *FAST)
+  assert (code, out.strip()) == (1, '1 done, 0 skipped, 1 failed')
+  assert f'x.jpg: its output {tmp_path}/in/x.png is another input' in err
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'in' / 'x.png')), before)
+
+
+def test_two_names_of_one_output_clash(tmp_path, loaded):
+  # As A.png and a.png on a case-insensitive file system: here a hard link plays the alias.
+  _png(tmp_path / 'A.png', (4, 4, 3))
+  _png(tmp_path / 'b.png', (4, 4, 3), seed=1)
+  args = upscale.parse_args(['-i', 'x', '-o', 'y', '-m', '2x', '--quiet', *FAST])
+  runner = upscale.Runner(args, lambda key: loaded[key])
+  written = {}
+  assert upscale.process(str(tmp_path / 'A.png'), str(tmp_path / 'out' / 'A.png'), 'png', runner,
+                         args, written) == 'done'
+  os.link(tmp_path / 'out' / 'A.png', tmp_path / 'out' / 'a.png')
+  with pytest.raises(upscale.JobError, match='b.png: has the same output as .*A.png'):
+    upscale.process(str(tmp_path / 'b.png'), str(tmp_path / 'out' / 'a.png'), 'png', runner, args,
+                    written)
+
+
+@pytest.mark.parametrize('during_write', [False, True])
+def test_sigterm_stops_with_its_counts_and_no_temporary_file(tmp_path, capsys, model_dirs,
+                                                             monkeypatch, during_write):
+  for k in range(3):
+    _png(tmp_path / 'in' / f'{k}.png', (4, 4, 3), seed=k)
+  calls = []
+  real = upscale.image_io.atomic_write
+
+  def atomic_write(path, save):
+    calls.append(path)
+    if len(calls) < 2:
+      return real(path, save)
+    if during_write:
+      def killed(f):
+        f.write(b'partial')
+        os.kill(os.getpid(), signal.SIGTERM)
+        save(f)
+      return real(path, killed)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(path, save)
+
+  monkeypatch.setattr(upscale.image_io, 'atomic_write', atomic_write)
+  previous = signal.getsignal(signal.SIGTERM)
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'out', '-m',
+                        model_dirs['2x'], '--quiet', *FAST)
+  assert signal.getsignal(signal.SIGTERM) is previous
+  assert code == 143 and 'interrupted (SIGTERM)' in err
+  assert out.strip() == '1 done, 0 skipped, 0 failed'
+  assert os.listdir(tmp_path / 'out') == ['0.png']  # no partial nor temporary file
+  monkeypatch.setattr(upscale.image_io, 'atomic_write', real)
+  code, out, _ = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'out', '-m',
+                      model_dirs['2x'], '--quiet', *FAST)
+  assert (code, out.strip()) == (0, '2 done, 1 skipped, 0 failed')

@@ -22,6 +22,7 @@ import dataclasses
 import io
 import os
 import secrets
+import stat
 import struct
 import zlib
 
@@ -213,6 +214,11 @@ def read_image(path):
   """(float32 HxWxC in [0, 1], ImageInfo); ImageError with a one-line reason if unreadable."""
   path = os.fspath(path)
   try:
+    # A pipe or a device named like an image would block open() or read() for ever.
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+      raise ImageError(f'{path}: cannot read: ' + (
+          'a folder' if stat.S_ISDIR(mode) else 'not a regular file (a pipe or a device)'))
     with Image.open(path) as im:
       frames, dpi = getattr(im, 'n_frames', 1), _dpi(im.info.get('dpi'))
       image, info = _read(path, im)
@@ -287,6 +293,8 @@ def atomic_write(path, save):
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     with os.fdopen(fd, 'wb') as f:
       save(f)
+      f.flush()
+      os.fsync(f.fileno())  # else a crash soon after the rename can leave `path` empty
     os.replace(tmp, path)
   except BaseException as e:
     try:

@@ -25,6 +25,7 @@ failed anywhere.
 import argparse
 import math
 import os
+import signal
 import sys
 
 import jax
@@ -104,16 +105,30 @@ def _output_name(rel, fmt):
   return os.path.splitext(rel)[0] + image_io.SUFFIXES[fmt]
 
 
-def list_jobs(input_path, output, fmt):
-  """[(source, destination)] for a file, a folder or a list file; `fmt` is the output format."""
+def list_jobs(input_path, output, fmt, errors=None):
+  """[(source, destination)] for a file, a folder or a list file; `fmt` is the output format.
+  Folders that cannot be listed are appended to `errors`, one line each; a list file that cannot
+  be read raises OSError."""
   if os.path.isdir(input_path):
     suffixes = _image_suffixes()
     out_real = os.path.realpath(output)
     jobs = []
-    for root, dirs, files in os.walk(input_path):
+    visited = {os.path.realpath(input_path)}
+
+    def cannot_list(e):
+      if errors is not None:
+        errors.append(f'{e.filename}: cannot list the folder: {e.strerror or e}')
+
+    # Linked folders are followed, each real folder once (a link loop ends there).
+    for root, dirs, files in os.walk(input_path, onerror=cannot_list, followlinks=True):
       # Skip hidden folders and the output tree (when it lies inside the input).
-      dirs[:] = sorted(d for d in dirs if not d.startswith('.')
-                       and os.path.realpath(os.path.join(root, d)) != out_real)
+      kept = []
+      for d in sorted(dirs):
+        real = os.path.realpath(os.path.join(root, d))
+        if not d.startswith('.') and real != out_real and real not in visited:
+          visited.add(real)
+          kept.append(d)
+      dirs[:] = kept
       for name in sorted(files):
         if name.startswith('.') or os.path.splitext(name)[1].lower() not in suffixes:
           continue  # not an image (notes, thumbnails databases, our own temporary files)
@@ -124,7 +139,9 @@ def list_jobs(input_path, output, fmt):
   if os.path.splitext(input_path)[1].lower() in LIST_SUFFIXES and os.path.isfile(input_path):
     base = os.path.dirname(input_path)
     jobs = []
-    with open(input_path, encoding='utf-8-sig') as f:  # -sig: a BOM (Notepad) is not a path
+    # -sig: a BOM (Notepad) is not a path; surrogateescape: bytes that are not UTF-8 stay the
+    # file name's bytes.
+    with open(input_path, encoding='utf-8-sig', errors='surrogateescape') as f:
       for line in f:
         line = line.strip()
         if line and not line.startswith('#'):
@@ -169,8 +186,9 @@ def resize(image, height, width):
 
 
 def _say(msg):
-  """A line on stderr that does not break a progress bar."""
-  tqdm.tqdm.write(msg, file=sys.stderr)
+  """A line on stderr that does not break a progress bar (a file name's bytes that are not UTF-8,
+  as os.walk or a list gives them, written as escapes)."""
+  tqdm.tqdm.write(msg.encode('utf-8', 'backslashreplace').decode('utf-8'), file=sys.stderr)
 
 
 class Runner:
@@ -304,13 +322,30 @@ def upscale_loaded(image, info, fmt, runner, args, name, pass_progress=None):
   return image
 
 
-def process(src, dst, fmt, runner, args):
-  """Upscales one file; 'done' or 'skipped', or raises JobError / ImageError (one line)."""
+def _check_writable(dst):
+  """JobError now, before the work, where `dst`'s folder cannot be made or written to."""
+  folder = os.path.dirname(os.path.abspath(dst))
+  while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise JobError(f'{dst}: cannot write: {folder} is not a folder')
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise JobError(f'{dst}: cannot write: {folder} is read-only or not writable')
+
+
+def process(src, dst, fmt, runner, args, written=None):
+  """Upscales one file; 'done' or 'skipped', or raises JobError / ImageError (one line).
+  `written`: {(st_dev, st_ino): source} of the outputs this run wrote, so that two names of one
+  file (A.png and a.png on a case-insensitive file system) are a clash, not a skip."""
   if os.path.exists(dst):
     if _same_file(src, dst):
       raise JobError(f'{src}: is its own output; choose another output')
+    st = os.stat(dst)
+    if written and (st.st_dev, st.st_ino) in written:
+      raise JobError(f'{src}: has the same output as {written[st.st_dev, st.st_ino]} ({dst})')
     if not args.overwrite:
       return 'skipped'
+  _check_writable(dst)
   image, info = image_io.read_image(src)
   if info.frames > 1 and not args.quiet:
     _say(f'{src}: {info.frames} frames (an animation or pages); only the first is upscaled')
@@ -322,6 +357,9 @@ def process(src, dst, fmt, runner, args):
   except OSError as e:
     raise JobError(f'{dst}: cannot write: {e.strerror or e}') from e
   image_io.write_image(dst, image, info, fmt, args.quality)
+  if written is not None:
+    st = os.stat(dst)
+    written[st.st_dev, st.st_ino] = src
   return 'done'
 
 
@@ -409,6 +447,14 @@ def _job_format(args, single_output):
   return image_io.output_format(single_output) if suffix else 'png'
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, raised where the main thread is, to unwind as Ctrl+C does."""
+
+
+def _terminate(signum, frame):  # pylint: disable=unused-argument
+  raise Terminated()
+
+
 def main(argv=None, load_model_fn=None):
   """Runs the command; returns the exit status. `load_model_fn(name_or_path) -> (model, params,
   config)` replaces the model loading (tests)."""
@@ -431,18 +477,34 @@ def main(argv=None, load_model_fn=None):
   except image_io.ImageError as e:
     err(f'{PROG}: {e}')
     return 2
-  all_jobs = list_jobs(args.input, args.output, fmt)
-  if not all_jobs and not args.quiet and jax.process_index() == 0:
+  listing_errors = []
+  try:
+    all_jobs = list_jobs(args.input, args.output, fmt, listing_errors)
+  except OSError as e:
+    err(f'{PROG}: {args.input}: cannot read the list: {e.strerror or e}')
+    return 2
+  if not all_jobs and not listing_errors and not args.quiet and jax.process_index() == 0:
     err(f'{PROG}: no images in {args.input} (suffixes Pillow reads, hidden files skipped)')
-  # Two inputs with one output: the later one fails (decided over the whole list, so that it does
-  # not depend on which process gets which file).
-  seen, clashes = {}, {}
-  for i, (src, dst) in enumerate(all_jobs):
-    key = os.path.realpath(dst)
-    if key in seen:
-      clashes[i] = f'{src}: has the same output as {seen[key]} ({dst})'
+  # Decided over the whole list, so that it does not depend on which process gets which file: a
+  # file listed twice runs once; of two inputs with one output, the later one fails; an output
+  # that is another input fails (it would replace that input, or be skipped as done).
+  sources = {os.path.realpath(src): src for src, _ in all_jobs}
+  listed, by_output, clashes, unique = set(), {}, {}, []
+  for src, dst in all_jobs:
+    src_key, dst_key = os.path.realpath(src), os.path.realpath(dst)
+    if (src_key, dst_key) in listed:
+      continue  # the same file listed twice
+    listed.add((src_key, dst_key))
+    i = len(unique)
+    unique.append((src, dst))
+    if dst_key in sources and dst_key != src_key:
+      clashes[i] = (f'{src}: its output {dst} is another input ({sources[dst_key]}); choose '
+                    'another output')
+    elif dst_key in by_output:
+      clashes[i] = f'{src}: has the same output as {by_output[dst_key]} ({dst})'
     else:
-      seen[key] = src
+      by_output[dst_key] = src
+  all_jobs = unique
   # Several processes: each takes every n-th file (the listing is the same on all of them), runs it
   # on its own devices only, and process 0 prints the summary of all.
   rank, size = jax.process_index(), jax.process_count()
@@ -461,7 +523,17 @@ def main(argv=None, load_model_fn=None):
       err(f'{PROG}: -s 1 -n -1 runs no model: the images are only converted')
   runner = Runner(args, load_model_fn or load_model)
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
+  if rank == 0:  # the same listing on every process: said and counted once
+    for line in listing_errors:
+      err(line)
+    counts['failed'] += len(listing_errors)
   fatal = interrupted = False
+  # SIGTERM (a scheduler, `kill`) stops like Ctrl+C: the file being written is removed, the
+  # counts are said and gathered.
+  try:
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate)
+  except ValueError:  # not the main thread: left as it is
+    previous_sigterm = None
   # disable=None: tqdm draws nothing where stderr is not a terminal (redirected to a log file).
   bar = tqdm.tqdm(jobs, unit='file', disable=None if show else True, file=sys.stderr,
                   dynamic_ncols=True)
@@ -482,14 +554,17 @@ def main(argv=None, load_model_fn=None):
   except ModelError as e:
     err(f'{PROG}: {e}')
     fatal = True
-  except KeyboardInterrupt:  # Ctrl+C: what is done stays done (outputs are never partial)
-    err(f'{PROG}: interrupted')
-    interrupted = True
+  except KeyboardInterrupt as e:  # Ctrl+C or SIGTERM: what is done stays done (never partial)
+    err(f'{PROG}: interrupted' + (' (SIGTERM)' if isinstance(e, Terminated) else ''))
+    interrupted = 143 if isinstance(e, Terminated) else 130
+  finally:
+    if previous_sigterm is not None:
+      signal.signal(signal.SIGTERM, previous_sigterm)
   bar.close()
   # Every process reaches this gather, a fatal error or Ctrl+C included, so that none waits forever.
   try:
     totals = distributed.allgather([counts['done'], counts['skipped'], counts['failed'], fatal,
-                                    interrupted])
+                                    bool(interrupted)])
   except KeyboardInterrupt:  # a second Ctrl+C while the others finish
     return 130
   except Exception as e:  # pylint: disable=broad-except (a process that died: one line, no traceback)
@@ -509,7 +584,7 @@ def main(argv=None, load_model_fn=None):
           + ', '.join(str(i) for i in range(size) if totals[i, 4]))
     print(f'{done} done, {skipped} skipped, {failed} failed')
   if interrupted_anywhere:
-    return 130 if interrupted else 1
+    return interrupted or 1
   return 1 if failed else 0
 
 
