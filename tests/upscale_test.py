@@ -3,7 +3,9 @@ overwrite, exit codes, model choice per -n/-s, modes kept, JPEG and alpha, missi
 
 import os
 import signal
+import struct
 import sys
+import zlib
 
 import jax
 import numpy as np
@@ -483,3 +485,37 @@ def test_sigterm_stops_with_its_counts_and_no_temporary_file(tmp_path, capsys, m
   code, out, _ = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'out', '-m',
                       model_dirs['2x'], '--quiet', *FAST)
   assert (code, out.strip()) == (0, '2 done, 1 skipped, 0 failed')
+
+
+def _png_header_only(path, width, height):
+  """A PNG whose header claims width x height (with a few bytes of pixel data)."""
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+  path.write_bytes(b'\x89PNG\r\n\x1a\n'
+                   + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+                   + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
+
+
+def test_images_larger_than_the_free_memory_fail_before_the_work(tmp_path, capsys, model_dirs,
+                                                                  monkeypatch):
+  _png(tmp_path / 'in' / 'a.png', (40, 30, 3))
+  _png_header_only(tmp_path / 'in' / 'huge.png', 100000, 100000)  # 10 gigapixels
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'out', '--quiet', '-m',
+                        model_dirs['2x'], *FAST)
+  assert (code, out.strip()) == (1, '1 done, 0 skipped, 1 failed')
+  line = [l for l in err.splitlines() if 'huge.png' in l]
+  assert len(line) == 1 and '100000x100000 needs about 335 GB of memory' in line[0]
+  assert 'decompression bomb' not in err  # Pillow's own limit is not the command's
+  assert os.listdir(tmp_path / 'out') == ['a.png']
+  # What is counted: a pass's float32 input and its output (8-bit: as much as the result and
+  # Pillow's copy), or at 4x in 16 bits, the result and its copy at the end.
+  assert upscale.memory_needed(30, 40, 3, 8, [2]) == int(1.5 * 30 * 40 * 3 * (4 + 4 * 1))
+  assert upscale.memory_needed(30, 40, 4, 8, [2]) == int(1.5 * 30 * 40 * 4 * (4 * 2 + 4 * 1))
+  assert upscale.memory_needed(30, 40, 3, 16, [2, 2]) == int(1.5 * 30 * 40 * 3 * 2 * 16 * 2)
+  # A machine with less free memory refuses a small image the same way, and says how much.
+  monkeypatch.setattr(upscale, 'available_memory', lambda: 10000)
+  code, out, err = _run(capsys, '-i', tmp_path / 'in' / 'a.png', '-o', tmp_path / 'small.png',
+                        '--quiet', '-m', model_dirs['2x'], *FAST)
+  assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
+  assert 'a.png: 30x40 needs about 42.2 KB of memory, 9.77 KB free; a smaller -s' in err
+  assert not os.path.exists(tmp_path / 'small.png')

@@ -18,6 +18,7 @@ over the target only when complete. JPEG cannot store alpha: such images are ref
 `composite`). WebP has no gray mode: Pillow stores gray as RGB.
 """
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -210,26 +211,76 @@ def _dpi(value):
   return (x, y) if x > 0 and y > 0 else None
 
 
+def _check_regular_file(path):
+  """ImageError unless `path` is a regular file: a pipe or a device named like an image would
+  block open() or read() for ever."""
+  mode = os.stat(path).st_mode
+  if not stat.S_ISREG(mode):
+    raise ImageError(f'{path}: cannot read: ' + (
+        'a folder' if stat.S_ISDIR(mode) else 'not a regular file (a pipe or a device)'))
+
+
+def _read_errors(path, e):
+  """The ImageError for an exception raised while opening or decoding `path`, or None."""
+  if isinstance(e, Image.UnidentifiedImageError):
+    return ImageError(f'{path}: cannot read: not an image file Pillow knows')
+  if isinstance(e, (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+                    Image.DecompressionBombError, MemoryError)):
+    return ImageError(f'{path}: cannot read: {_reason(e)}')
+  return None
+
+
+@contextlib.contextmanager
+def pixel_limit(pixels):
+  """Pillow's decompression-bomb limit set to `pixels` (None: off) inside the block."""
+  previous = Image.MAX_IMAGE_PIXELS
+  Image.MAX_IMAGE_PIXELS = pixels
+  try:
+    yield
+  finally:
+    Image.MAX_IMAGE_PIXELS = previous
+
+
+def peek(path):
+  """(width, height, channels, bit depth) from the file's header, nothing decoded: the most
+  channels (1-4) and bits (8 or 16) that read_image's array and the output will have."""
+  path = os.fspath(path)
+  try:
+    _check_regular_file(path)
+    with Image.open(path) as im:
+      width, height = im.size
+      if im.mode in ('P', 'PA'):
+        channels = 4
+      else:
+        channels = min(4, len(im.getbands()) + ('transparency' in im.info))
+      deep = im.mode in _MODES_16 or im.mode == 'F' or (
+          im.format == 'PNG' and _png_ihdr(path)[0] == 16)
+      return width, height, channels, 16 if deep else 8
+  except ImageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except (the same reasons as read_image's)
+    error = _read_errors(path, e)
+    if error is None:
+      raise
+    raise error from e
+
+
 def read_image(path):
   """(float32 HxWxC in [0, 1], ImageInfo); ImageError with a one-line reason if unreadable."""
   path = os.fspath(path)
   try:
-    # A pipe or a device named like an image would block open() or read() for ever.
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-      raise ImageError(f'{path}: cannot read: ' + (
-          'a folder' if stat.S_ISDIR(mode) else 'not a regular file (a pipe or a device)'))
+    _check_regular_file(path)
     with Image.open(path) as im:
       frames, dpi = getattr(im, 'n_frames', 1), _dpi(im.info.get('dpi'))
       image, info = _read(path, im)
       return image, dataclasses.replace(info, frames=frames, dpi=dpi)
   except ImageError:
     raise
-  except Image.UnidentifiedImageError as e:
-    raise ImageError(f'{path}: cannot read: not an image file Pillow knows') from e
-  except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
-          Image.DecompressionBombError, MemoryError) as e:
-    raise ImageError(f'{path}: cannot read: {_reason(e)}') from e
+  except Exception as e:  # pylint: disable=broad-except (decoders raise many kinds)
+    error = _read_errors(path, e)
+    if error is None:
+      raise
+    raise error from e
 
 
 # Writing.

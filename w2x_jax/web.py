@@ -101,13 +101,6 @@ def parse_bytes(text):
   return int(float(m[1]) * 1024 ** ' KMG'.index(m[2].upper() or ' '))
 
 
-def format_bytes(n):
-  for unit, size in (('GB', 1 << 30), ('MB', 1 << 20), ('KB', 1 << 10)):
-    if n >= size:
-      return f'{n / size:.3g} {unit}'
-  return f'{n} bytes'
-
-
 def format_pixels(n):
   side = math.isqrt(n)
   square = f' ({side}x{side})' if side * side == n else ''
@@ -472,13 +465,13 @@ class Server:
                   'formats': list(MEDIA_TYPES), 'default_quality': image_io.DEFAULT_QUALITY,
                   'max_pixels': self.max_pixels, 'max_pixels_text': format_pixels(self.max_pixels),
                   'max_upload_bytes': self.max_upload,
-                  'max_upload_text': format_bytes(self.max_upload)})
+                  'max_upload_text': upscale.format_bytes(self.max_upload)})
 
   async def create_job(self, request):
     if 'x-filename' not in request.headers:  # also makes other sites' forms need a preflight
       return _error(400, 'upload with the page (the X-Filename header is missing)')
     name = _safe_name(request.headers['x-filename'])
-    too_big = (f'{name}: larger than the upload limit of {format_bytes(self.max_upload)} '
+    too_big = (f'{name}: larger than the upload limit of {upscale.format_bytes(self.max_upload)} '
                '(start the server with a larger --max-upload)')
     try:
       args, fmt = self.options(request.query_params)
