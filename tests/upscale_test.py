@@ -423,6 +423,11 @@ def test_output_folder_that_cannot_be_written_fails_before_the_work(tmp_path, ca
                         *FAST, load_model_fn=_no_model)
   assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
   assert f'cannot write: {tmp_path / "file"} is not a folder' in err
+  os.makedirs(tmp_path / 'o2' / 'a.png')  # a folder where the output goes: not 'skipped'
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'o2', '--quiet', *FAST,
+                        load_model_fn=_no_model)
+  assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
+  assert f'{tmp_path / "o2" / "a.png"}: cannot write: a folder is there' in err
 
 
 def test_an_output_never_replaces_another_input(tmp_path, capsys, model_dirs):

@@ -397,6 +397,8 @@ def process(src, dst, fmt, runner, args, written=None):
   `written`: {(st_dev, st_ino): source} of the outputs this run wrote, so that two names of one
   file (A.png and a.png on a case-insensitive file system) are a clash, not a skip."""
   if os.path.exists(dst):
+    if os.path.isdir(dst):
+      raise JobError(f'{dst}: cannot write: a folder is there')
     if _same_file(src, dst):
       raise JobError(f'{src}: is its own output; choose another output')
     st = os.stat(dst)
