@@ -248,12 +248,34 @@ def test_bad_config_values_name_the_field(tmp_path):
                                 ('train.batch_size', 0, 'config.train.batch_size'),
                                 ('data.noise_level', 7, 'config.data.noise_level'),
                                 ('data.val_count', 0, 'config.data.val_count'),
-                                ('data.val_max_side', 1, 'config.data.val_max_side')]:
+                                ('data.val_max_side', 1, 'config.data.val_max_side'),
+                                ('train.learning_rate', float('inf'), 'learning_rate=inf: must be finite'),
+                                ('train.warmup_steps', -1, 'warmup_steps=-1: must be >= 0'),
+                                ('train.weight_decay', -1.0, 'weight_decay=-1.0: must be >= 0'),
+                                # The model's fields, checked before the workdir is touched.
+                                ('model.activation', 'gelu', "config.model.activation='gelu' must be one of"),
+                                ('model.name', 'srcnn', "config.model.name='srcnn' must be one of"),
+                                ('model.first_filters', 0, 'config.model.first_filters=0 and last_filters'),
+                                ('model.recon_b1', 0, 'config.model.recon_b1=0 must be >= 1'),
+                                ('model.dtype', 'int8', "config.model.dtype='int8' must be a float type")]:
     config = tiny_config(tmp_path)
     section, name = field.split('.')
     config[section][name] = value
     with pytest.raises(train.ConfigError, match=message):
       train.check_config(config)
+  config = tiny_config(tmp_path)
+  config.seed = -1
+  with pytest.raises(train.ConfigError, match='config.seed=-1: must be >= 0'):
+    train.check_config(config)
+  config = tiny_config(tmp_path)
+  config.train.schedule, config.train.decay_every = 'step', 0
+  with pytest.raises(train.ConfigError, match='config.train.decay_every=0: must be > 0'):
+    train.check_config(config)
+  config = tiny_config(tmp_path)
+  config.model.activation = 'gelu'
+  with pytest.raises(train.ConfigError, match='activation'):  # and nothing was written
+    train.train_and_evaluate(config, str(tmp_path / 'never'))
+  assert not (tmp_path / 'never').exists()
 
 
 def _main_cmd(workdir, train_dir, *extra):

@@ -384,6 +384,8 @@ def feature_filters(model_cfg):
   layers, first, last = model_cfg.layers, model_cfg.first_filters, model_cfg.last_filters
   if layers < 1:
     raise ValueError(f'models.py: model.layers={layers} must be >= 1')
+  if min(first, last) < 1:
+    raise ValueError(f'models.py: model.first_filters={first} and last_filters={last} must be >= 1')
   if layers == 1:
     return [first]
   if model_cfg.filter_decay == 'exp':
@@ -430,10 +432,19 @@ def build_model(model_cfg, conv_fn=None, valid=False):
   _check_choice('activation', model_cfg.activation, ACTIVATIONS)
   if model_cfg.scale < 1:
     raise ValueError(f'models.py: model.scale={model_cfg.scale} must be >= 1')
-  dtype = jnp.dtype(model_cfg.get('dtype', 'float32'))
+  try:
+    dtype = jnp.dtype(model_cfg.get('dtype', 'float32'))
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):  # int8 would train nothing
+    raise ValueError(f'models.py: model.dtype={model_cfg.get("dtype")!r} must be a float type '
+                     '(float32, bfloat16, float16)')
   if model_cfg.name == 'dcscn':
     _check_choice('skip_interpolation', model_cfg.skip_interpolation, ('bilinear', 'bicubic'))
     filters = tuple(feature_filters(model_cfg))
+    for field in ('recon_a', 'recon_b1', 'recon_b2', 'upsampler_filters'):
+      if model_cfg[field] < 1:
+        raise ValueError(f'models.py: model.{field}={model_cfg[field]} must be >= 1')
     return DCSCN(scale=model_cfg.scale, channels=model_cfg.channels, filters=filters,
                  recon_a=model_cfg.recon_a, recon_b1=model_cfg.recon_b1,
                  recon_b2=model_cfg.recon_b2,
@@ -441,6 +452,8 @@ def build_model(model_cfg, conv_fn=None, valid=False):
                  activation=model_cfg.activation, skip_interpolation=model_cfg.skip_interpolation,
                  dtype=dtype, conv_fn=conv_fn, recon_from_parts=recon_from_parts(filters),
                  valid=valid)
+  if any(f < 1 for f in model_cfg.filters):  # () is allowed: the upsampler's conv alone
+    raise ValueError(f'models.py: model.filters={tuple(model_cfg.filters)} must be counts >= 1')
   _check_choice('selection_activation', model_cfg.selection_activation, SELECTION_ACTIVATIONS)
   _check_choice('skip_interpolation', model_cfg.skip_interpolation, INTERPOLATIONS)
   return ESPCNSU(scale=model_cfg.scale, channels=model_cfg.channels,

@@ -70,6 +70,23 @@ def check_config(config):
   for name, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f'config.{name}={value!r}: must be one of {list(allowed)}')
+  if not math.isfinite(tc.learning_rate):
+    raise ConfigError(f'config.train.learning_rate={tc.learning_rate!r}: must be finite')
+  nonnegative = {'train.warmup_steps': tc.warmup_steps, 'train.grad_clip': tc.grad_clip,
+                 'train.weight_decay': tc.weight_decay, 'seed': config.seed}
+  if tc.schedule == 'step':
+    positive = {'train.decay_every': tc.decay_every, 'train.decay_rate': tc.decay_rate}
+    for name, value in positive.items():
+      if not value > 0:
+        raise ConfigError(f'config.{name}={value!r}: must be > 0')
+  for name, value in nonnegative.items():
+    if not value >= 0:
+      raise ConfigError(f'config.{name}={value!r}: must be >= 0')
+  # The model's own fields (names, filter counts, dtype), before any file is written.
+  try:
+    models.build_model(config.model)
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ConfigError(str(e).replace('models.py: model.', 'config.model.', 1)) from e
   if dc.val_max_side < VAL_MIN_SIDE:
     raise ConfigError(f'config.data.val_max_side={dc.val_max_side!r}: must be >= {VAL_MIN_SIDE}')
   if tc.batch_size % jax.process_count():
