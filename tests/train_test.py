@@ -411,3 +411,21 @@ def test_keeps_latest_and_best(tmp_path):
   checkpoint.save_train_state(manager, state.replace(step=10), metrics={'val_psnr': 5.0})
   manager.wait_until_finished()
   assert manager.all_steps() == [4, 10] and checkpoint.best_step(manager) == 4
+
+
+def test_a_workdir_in_use_is_refused_and_freed_with_its_run(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  lock = checkpoint.lock_workdir(str(workdir))  # as a run in progress holds it
+  try:
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f'another training run is using it \\(pid {os.getpid()}\\)'):
+      train.train_and_evaluate(tiny_config(tmp_path), str(workdir))
+    assert sorted(os.listdir(workdir)) == [checkpoint.LOCK_FILE]  # no config.json written
+  finally:
+    lock.close()
+  # A run's lock goes with it, even with SIGKILL.
+  code = ('import os, sys; from w2x_jax import checkpoint; checkpoint.lock_workdir(sys.argv[1]); '
+          'os.kill(os.getpid(), 9)')
+  subprocess.run([sys.executable, '-c', code, str(workdir)], check=False, cwd=ROOT)
+  checkpoint.lock_workdir(str(workdir)).close()

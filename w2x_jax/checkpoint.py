@@ -5,6 +5,7 @@ items: `params` and `train` (optimizer state, step, RNG key). Restoring for infe
 only. An exported model folder holds `config.json` and `params.msgpack`: no optimizer state.
 """
 
+import fcntl
 import json
 import math
 import os
@@ -40,6 +41,29 @@ def config_to_dict(config):
 def load_config(path):
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+LOCK_FILE = '.lock'
+
+
+def lock_workdir(workdir):
+  """An open file holding an exclusive lock on `workdir` (released by close() or when the process
+  ends, even by SIGKILL); CheckpointError if another run holds it: two runs in one workdir would
+  overwrite each other's checkpoints and metrics."""
+  f = open(os.path.join(workdir, LOCK_FILE), 'a+', encoding='ascii')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or 'unknown'
+    f.close()
+    raise CheckpointError(f'{workdir}: another training run is using it (pid {holder}); wait '
+                          'for it to finish, or use another --workdir') from None
+  f.seek(0)
+  f.truncate()
+  f.write(f'{os.getpid()}\n')
+  f.flush()
+  return f
 
 
 def _write_json_atomic(path, obj):

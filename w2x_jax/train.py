@@ -410,19 +410,29 @@ class _StopAgreement:
 def train_and_evaluate(config, workdir, devices=None):
   """Trains (or resumes) the configured model in `workdir`; returns the final train state."""
   check_config(config)
-  tc = config.train
   conv.keep_freed_memory_on_cpu()  # XLA:CPU re-faults its activations each step otherwise
   os.makedirs(workdir, exist_ok=True)
-  refused = None
+  refused = lock = None
   if jax.process_index() == 0:
     try:
+      lock = checkpoint.lock_workdir(workdir)
       checkpoint.save_run_config(workdir, config)
     except checkpoint.CheckpointError as e:
       refused = e
-  # The other processes must stop too, not wait for process 0 in a collective.
-  if distributed.broadcast_from_0(refused is not None):
-    raise refused or checkpoint.CheckpointError(
-        f'{workdir}: process 0 refused the run config (see its log)')
+  try:
+    # The other processes must stop too, not wait for process 0 in a collective.
+    if distributed.broadcast_from_0(refused is not None):
+      raise refused or checkpoint.CheckpointError(
+          f'{workdir}: process 0 refused the run config (see its log)')
+    return _train(config, workdir, devices)
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _train(config, workdir, devices):
+  """train_and_evaluate's run, once the config is checked and the workdir is this run's."""
+  tc = config.train
   train_images, val_images = load_datasets(config)
   logging.info('%d training images, %d validation images', len(train_images), len(val_images))
 
