@@ -425,3 +425,18 @@ def test_generator_rejects_bad_setups(images):
   with pytest.raises(data.DataError, match='noise level'):
     data.PatchGenerator(images, data_config(noise_level=5), scale=2, batch_size=2, seed=0)
   assert not generator_threads()
+
+
+def test_load_images_follows_linked_folders_once(tmp_path):
+  rgb = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+  os.makedirs(tmp_path / 'elsewhere')
+  os.makedirs(tmp_path / 'train' / '.hidden')
+  Image.fromarray(rgb).save(tmp_path / 'train' / 'a.png')
+  Image.fromarray(rgb[::-1]).save(tmp_path / 'elsewhere' / 'b.png')
+  Image.fromarray(rgb).save(tmp_path / 'train' / '.hidden' / 'c.png')  # hidden folders: skipped
+  os.symlink(tmp_path / 'elsewhere', tmp_path / 'train' / 'linked')  # followed ...
+  os.symlink(tmp_path / 'train', tmp_path / 'elsewhere' / 'loop')  # ... and a loop ends
+  images = data.load_images(tmp_path / 'train', min_size=8)
+  assert len(images) == 2
+  np.testing.assert_array_equal(images[0], rgb)
+  np.testing.assert_array_equal(images[1], rgb[::-1])

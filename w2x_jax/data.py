@@ -153,7 +153,8 @@ def _load_files(paths, names, min_size, num_threads):
 
 
 def load_images(folder, min_size, *, num_threads=4):
-  """Every image under `folder` (recursive) as uint8 HxWx3, sorted by relative path.
+  """Every image under `folder` (recursive, linked folders followed once each, hidden folders
+  skipped) as uint8 HxWx3, sorted by relative path.
 
   Files that cannot be decoded and images with a side below `min_size` are skipped with a warning;
   a missing folder or one with no usable image raises DataError.
@@ -163,8 +164,12 @@ def load_images(folder, min_size, *, num_threads=4):
     raise DataError(f'{folder}: no such folder')
   if not root.is_dir():
     raise DataError(f'{folder}: not a folder')
-  relative = sorted(p.relative_to(root).as_posix() for p in root.rglob('*')
-                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+  # Linked subfolders followed (pathlib's rglob leaves them out), hidden ones not.
+  relative = sorted(
+      pathlib.Path(os.path.relpath(os.path.join(d, name), root)).as_posix()
+      for d, files in image_io.walk_folder(root) for name in files
+      if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+      and os.path.isfile(os.path.join(d, name)))
   if not relative:
     raise DataError(f'{folder}: no image files ({", ".join(e[1:] for e in IMAGE_EXTENSIONS)})')
   images = _load_files([root / r for r in relative], [str(root / r) for r in relative], min_size,

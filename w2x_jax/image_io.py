@@ -211,6 +211,23 @@ def _dpi(value):
   return (x, y) if x > 0 and y > 0 else None
 
 
+def walk_folder(root, onerror=None, skip=()):
+  """(folder, sorted file names) for `root` and every subfolder, in sorted order; linked folders
+  are followed, each real folder once (a link loop ends there); hidden folders and the folders
+  whose real path is in `skip` are left out. `onerror(OSError)` hears of folders that cannot be
+  listed."""
+  visited = {os.path.realpath(root)} | {os.path.realpath(s) for s in skip}
+  for folder, dirs, files in os.walk(root, onerror=onerror, followlinks=True):
+    kept = []
+    for d in sorted(dirs):
+      real = os.path.realpath(os.path.join(folder, d))
+      if not d.startswith('.') and real not in visited:
+        visited.add(real)
+        kept.append(d)
+    dirs[:] = kept
+    yield folder, sorted(files)
+
+
 def _check_regular_file(path):
   """ImageError unless `path` is a regular file: a pipe or a device named like an image would
   block open() or read() for ever."""

@@ -111,25 +111,15 @@ def list_jobs(input_path, output, fmt, errors=None):
   be read raises OSError."""
   if os.path.isdir(input_path):
     suffixes = _image_suffixes()
-    out_real = os.path.realpath(output)
     jobs = []
-    visited = {os.path.realpath(input_path)}
 
     def cannot_list(e):
       if errors is not None:
         errors.append(f'{e.filename}: cannot list the folder: {e.strerror or e}')
 
-    # Linked folders are followed, each real folder once (a link loop ends there).
-    for root, dirs, files in os.walk(input_path, onerror=cannot_list, followlinks=True):
-      # Skip hidden folders and the output tree (when it lies inside the input).
-      kept = []
-      for d in sorted(dirs):
-        real = os.path.realpath(os.path.join(root, d))
-        if not d.startswith('.') and real != out_real and real not in visited:
-          visited.add(real)
-          kept.append(d)
-      dirs[:] = kept
-      for name in sorted(files):
+    # The output tree is skipped where it lies inside the input.
+    for root, files in image_io.walk_folder(input_path, cannot_list, skip=[output]):
+      for name in files:
         if name.startswith('.') or os.path.splitext(name)[1].lower() not in suffixes:
           continue  # not an image (notes, thumbnails databases, our own temporary files)
         src = os.path.join(root, name)
