@@ -209,9 +209,9 @@ def test_init_from_copies_matching_params_then_resuming_wins(tmp_path):
   _, source, _ = checkpoint.restore_model(tmp_path / 'a')
   flat_source = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(source)}
 
-  # A scale-1 model from a scale-2 one: all but the upsampler's params are copied.
+  # A scale-1 model (a denoiser) from a scale-2 one: all but the upsampler's params are copied.
   config = tiny_config(folder, num_steps=1, init_from=str(tmp_path / 'a'))
-  config.model.scale = 1
+  config.model.scale, config.data.noise_level = 1, 1
   fresh = train.create_train_state(config, jax.random.PRNGKey(config.seed)).params
   params, (copied, total) = train.init_params_from(fresh, str(tmp_path / 'a'))
   assert 0 < copied < total
@@ -263,6 +263,10 @@ def test_bad_config_values_name_the_field(tmp_path):
     config[section][name] = value
     with pytest.raises(train.ConfigError, match=message):
       train.check_config(config)
+  config = tiny_config(tmp_path)
+  config.model.scale, config.data.noise_level = 1, -1
+  with pytest.raises(train.ConfigError, match='nothing to learn'):
+    train.check_config(config)
   config = tiny_config(tmp_path)
   config.seed = -1
   with pytest.raises(train.ConfigError, match='config.seed=-1: must be >= 0'):

@@ -70,6 +70,9 @@ def check_config(config):
   for name, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f'config.{name}={value!r}: must be one of {list(allowed)}')
+  if config.model.scale == 1 and dc.noise_level == -1:
+    raise ConfigError('config.model.scale=1 with config.data.noise_level=-1: nothing to learn (the '
+                      'target is the input); a noise level 0-3, or a scale above 1')
   if not math.isfinite(tc.learning_rate):
     raise ConfigError(f'config.train.learning_rate={tc.learning_rate!r}: must be finite')
   nonnegative = {'train.warmup_steps': tc.warmup_steps, 'train.grad_clip': tc.grad_clip,
