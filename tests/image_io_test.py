@@ -255,6 +255,25 @@ def test_32bit_integer_tiff_spans_its_range(tmp_path):
   np.testing.assert_allclose(image[..., 0], ramp / (2 ** 32 - 1), atol=1e-6)
 
 
+def test_peek_reads_the_header_as_read_image_will_turn_it(tmp_path):
+  im = Image.fromarray(np.zeros((40, 60, 3), np.uint8))  # 60 wide, 40 high
+  exif = Image.Exif()
+  exif[0x0112] = 6  # turned a quarter: read as 40 wide, 60 high
+  im.save(tmp_path / 'turned.jpg', exif=exif)
+  image, _ = image_io.read_image(tmp_path / 'turned.jpg')
+  assert image.shape[:2] == (60, 40)
+  assert image_io.peek(tmp_path / 'turned.jpg') == (40, 60, 3, 8)
+  im.save(tmp_path / 'turned.png', exif=exif)  # Pillow writes the eXIf chunk before the pixels
+  assert image_io.read_image(tmp_path / 'turned.png')[0].shape[:2] == (60, 40)
+  assert image_io.peek(tmp_path / 'turned.png') == (40, 60, 3, 8)
+  im.convert('P').save(tmp_path / 'p.png')  # a palette without transparency: RGB
+  assert image_io.peek(tmp_path / 'p.png') == (60, 40, 3, 8)
+  im.convert('P').save(tmp_path / 'pt.png', transparency=0)
+  assert image_io.peek(tmp_path / 'pt.png') == (60, 40, 4, 8)
+  Image.fromarray(np.zeros((4, 5), np.uint16)).save(tmp_path / 'g16.png')
+  assert image_io.peek(tmp_path / 'g16.png') == (5, 4, 1, 16)
+
+
 def test_long_file_name_written(tmp_path):
   """80 CJK characters are 240 bytes: the temporary file beside it must not pass 255."""
   name = '\u7d75' * 80 + '.png'

@@ -1,5 +1,6 @@
 """Training: the step learns, devices do not change the result, runs resume exactly, restores work."""
 
+import errno
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -117,10 +119,14 @@ def test_metrics_plot_restore_and_export(tmp_path, caplog):
     checkpoint.restore_model(workdir, step=3)
   with pytest.raises(checkpoint.CheckpointError, match='step=2 and best=True name different'):
     checkpoint.restore_model(workdir, step=2, best=True)
+  with pytest.raises(checkpoint.CheckpointError, match='a step folder is its own step'):
+    checkpoint.restore_model(workdir / checkpoint.CHECKPOINT_DIR / '2', step=4)
 
   exported = checkpoint.export_model(tmp_path / 'exported', params, config)
   assert sorted(os.listdir(exported)) == [checkpoint.CONFIG_FILE, checkpoint.PARAMS_FILE]
   _, params3, config3 = checkpoint.restore_model(exported)
+  with pytest.raises(checkpoint.CheckpointError, match='an exported model holds one set'):
+    checkpoint.restore_model(exported, best=True)
   jax.tree.map(np.testing.assert_array_equal, params3, jax.device_get(params))
   assert config3.model.scale == 2
 
@@ -428,6 +434,11 @@ def test_a_workdir_in_use_is_refused_and_freed_with_its_run(tmp_path):
     assert sorted(os.listdir(workdir)) == [checkpoint.LOCK_FILE]  # no config.json written
   finally:
     lock.close()
+  # A file system without locks: the run goes on, with a warning.
+  def no_locks(*_):
+    raise OSError(errno.ENOLCK, 'No locks available')
+  with mock.patch.object(checkpoint.fcntl, 'flock', no_locks):
+    checkpoint.lock_workdir(str(workdir)).close()
   # A run's lock goes with it, even with SIGKILL.
   code = ('import os, sys; from w2x_jax import checkpoint; checkpoint.lock_workdir(sys.argv[1]); '
           'os.kill(os.getpid(), 9)')

@@ -442,6 +442,30 @@ def test_an_output_never_replaces_another_input(tmp_path, capsys, model_dirs):
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'in' / 'x.png')), before)
 
 
+def test_two_names_of_one_output_clash_in_the_command(tmp_path, capsys, model_dirs, monkeypatch):
+  # A case-insensitive disk makes out/b.png the same file as out/A.png: a hard link plays it.
+  _png(tmp_path / 'in' / 'A.png', (4, 4, 3))
+  _png(tmp_path / 'in' / 'b.png', (4, 4, 3), seed=1)
+  real = upscale.image_io.write_image
+
+  def write_image(path, *a, **k):
+    real(path, *a, **k)
+    if os.path.basename(path) == 'A.png':
+      os.link(path, os.path.join(os.path.dirname(path), 'b.png'))
+  monkeypatch.setattr(upscale.image_io, 'write_image', write_image)
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'out', '--quiet', '-m',
+                        model_dirs['2x'], *FAST)
+  assert (code, out.strip()) == (1, '1 done, 0 skipped, 1 failed')
+  assert 'b.png: has the same output as' in err and 'A.png' in err
+
+
+def test_links_into_the_tree_keep_the_folders_own_names(tmp_path):
+  _png(tmp_path / 'in' / 'z' / 'photo.png', (4, 4, 3))
+  os.symlink(tmp_path / 'in' / 'z', tmp_path / 'in' / 'a_link')  # sorts first; not followed
+  jobs = upscale.list_jobs(str(tmp_path / 'in'), str(tmp_path / 'out'), 'png')
+  assert jobs == [(str(tmp_path / 'in' / 'z' / 'photo.png'), str(tmp_path / 'out' / 'z' / 'photo.png'))]
+
+
 def test_two_names_of_one_output_clash(tmp_path, loaded):
   # As A.png and a.png on a case-insensitive file system: here a hard link plays the alias.
   _png(tmp_path / 'A.png', (4, 4, 3))
@@ -524,3 +548,11 @@ def test_images_larger_than_the_free_memory_fail_before_the_work(tmp_path, capsy
   assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
   assert 'a.png: 30x40 needs about 42.2 KB of memory, 9.77 KB free; a smaller -s' in err
   assert not os.path.exists(tmp_path / 'small.png')
+  # A container's memory limit (cgroup v2) counts where it leaves less than the machine.
+  numbers = {'/proc/meminfo': 8 << 20, '/sys/fs/cgroup/memory.max': 3 << 30,
+             '/sys/fs/cgroup/memory.current': 1 << 30}
+  monkeypatch.undo()
+  monkeypatch.setattr(upscale, '_read_number', lambda path, field=None: numbers[path])
+  assert upscale.available_memory() == 2 << 30  # 8 GiB free, 2 GiB under the limit
+  numbers['/sys/fs/cgroup/memory.max'] = None  # 'max': no limit
+  assert upscale.available_memory() == 8 << 30

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 
+from absl import logging
 import flax.serialization
 import jax
 import ml_collections
@@ -59,6 +60,10 @@ def lock_workdir(workdir):
     f.close()
     raise CheckpointError(f'{workdir}: another training run is using it (pid {holder}); wait '
                           'for it to finish, or use another --workdir') from None
+  except OSError as e:  # a file system without locks (some NFS or FUSE mounts): run unlocked
+    logging.warning('%s: cannot lock it (%s); make sure no other run uses it', workdir,
+                    e.strerror or e)
+    return f
   f.seek(0)
   f.truncate()
   f.write(f'{os.getpid()}\n')
@@ -210,6 +215,9 @@ def restore_model(path, step=None, best=False):
   if not os.path.isdir(path):
     raise CheckpointError(f'{path}: no such model folder')
   if os.path.exists(os.path.join(path, PARAMS_FILE)):  # an exported model
+    if step is not None or best:
+      raise CheckpointError(f'{path}: an exported model holds one set of parameters; step and best '
+                            'choose among a workdir\'s checkpoints')
     config = load_config(os.path.join(path, CONFIG_FILE))
     model = models.build_model(config.model)
     with open(os.path.join(path, PARAMS_FILE), 'rb') as f:
@@ -219,6 +227,9 @@ def restore_model(path, step=None, best=False):
     workdir, step_dir = path, None
   elif os.path.isdir(os.path.join(path, 'params')):  # one step folder: workdir/checkpoints/<step>
     workdir, step_dir = os.path.dirname(os.path.dirname(path)), path
+    if best or (step is not None and str(step) != os.path.basename(path)):
+      raise CheckpointError(f'{path}: a step folder is its own step; give the workdir to choose '
+                            'another (step, best)')
   else:
     raise CheckpointError(f'{path}: neither an exported model ({PARAMS_FILE}) nor a training workdir')
   config_path = os.path.join(workdir, CONFIG_FILE)

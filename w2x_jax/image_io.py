@@ -213,14 +213,19 @@ def _dpi(value):
 
 def walk_folder(root, onerror=None, skip=()):
   """(folder, sorted file names) for `root` and every subfolder, in sorted order; linked folders
-  are followed, each real folder once (a link loop ends there); hidden folders and the folders
-  whose real path is in `skip` are left out. `onerror(OSError)` hears of folders that cannot be
+  outside the tree are followed, each real folder once (a link loop ends there; a link into the
+  tree is left to the folder's own name); hidden folders and the folders whose real path is in
+  `skip` are left out. `onerror(OSError)` hears of folders that cannot be
   listed."""
-  visited = {os.path.realpath(root)} | {os.path.realpath(s) for s in skip}
+  root_real = os.path.realpath(root)
+  visited = {root_real} | {os.path.realpath(s) for s in skip}
   for folder, dirs, files in os.walk(root, onerror=onerror, followlinks=True):
     kept = []
     for d in sorted(dirs):
-      real = os.path.realpath(os.path.join(folder, d))
+      path = os.path.join(folder, d)
+      real = os.path.realpath(path)
+      if os.path.islink(path) and (real + os.sep).startswith(root_real + os.sep):
+        continue  # a link into the tree: its folder keeps its own name
       if not d.startswith('.') and real not in visited:
         visited.add(real)
         kept.append(d)
@@ -258,6 +263,18 @@ def pixel_limit(pixels):
     Image.MAX_IMAGE_PIXELS = previous
 
 
+def _orientation_from_header(im):
+  """The EXIF orientation found without decoding: Pillow's getexif() decodes a PNG whole to
+  look past its pixels, so a PNG's eXIf chunk counts only where it comes before them."""
+  if im.format != 'PNG':
+    return im.getexif().get(0x0112)
+  if 'exif' not in im.info:
+    return None
+  exif = Image.Exif()
+  exif.load(im.info['exif'])
+  return exif.get(0x0112)
+
+
 def peek(path):
   """(width, height, channels, bit depth) from the file's header, nothing decoded: the most
   channels (1-4) and bits (8 or 16) that read_image's array and the output will have."""
@@ -266,8 +283,10 @@ def peek(path):
     _check_regular_file(path)
     with Image.open(path) as im:
       width, height = im.size
+      if _orientation_from_header(im) in (5, 6, 7, 8):  # turned a quarter by read_image
+        width, height = height, width
       if im.mode in ('P', 'PA'):
-        channels = 4
+        channels = 4 if _has_transparency(im) else 3
       else:
         channels = min(4, len(im.getbands()) + ('transparency' in im.info))
       deep = im.mode in _MODES_16 or im.mode == 'F' or (

@@ -330,16 +330,30 @@ def format_bytes(n):
   return f'{n} bytes'
 
 
-def available_memory():
-  """Bytes of memory free for this process (Linux's MemAvailable), or None where unknown."""
+def _read_number(path, field=None):
+  """The integer in a /proc or /sys file (`field`: that line's first number), or None."""
   try:
-    with open('/proc/meminfo', encoding='ascii') as f:
+    with open(path, encoding='ascii') as f:
       for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
+        if field is None:
+          return int(line.split()[0])
+        if line.startswith(field):
+          return int(line.split()[1])
   except (OSError, ValueError, IndexError):
     pass
   return None
+
+
+def available_memory():
+  """Bytes of memory free for this process, or None where unknown: Linux's MemAvailable, or less
+  where a container's memory limit (cgroup v2) leaves less."""
+  free = _read_number('/proc/meminfo', 'MemAvailable:')
+  free = free * 1024 if free is not None else None
+  limit = _read_number('/sys/fs/cgroup/memory.max')  # 'max' (no limit) reads as None
+  used = _read_number('/sys/fs/cgroup/memory.current')
+  if limit is not None and used is not None:
+    free = min(free, limit - used) if free is not None else limit - used
+  return free
 
 
 def memory_needed(height, width, channels, bits, scales, target=None):
@@ -583,10 +597,12 @@ def main(argv=None, load_model_fn=None):
       err(line)
     counts['failed'] += len(listing_errors)
   fatal = interrupted = False
+  written = {}  # the outputs this run wrote (process)
   # SIGTERM (a scheduler, `kill`) stops like Ctrl+C: the file being written is removed, the
   # counts are said and gathered.
   try:
-    previous_sigterm = signal.signal(signal.SIGTERM, _terminate)
+    # (None: a handler not set from Python, which cannot be put back; the default then)
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) or signal.SIG_DFL
   except ValueError:  # not the main thread: left as it is
     previous_sigterm = None
   # disable=None: tqdm draws nothing where stderr is not a terminal (redirected to a log file).
@@ -597,7 +613,7 @@ def main(argv=None, load_model_fn=None):
       try:
         if i in clashes:
           raise JobError(clashes[i])
-        counts[process(src, dst, fmt, runner, args)] += 1
+        counts[process(src, dst, fmt, runner, args, written)] += 1
       except ModelError:
         raise
       except (JobError, image_io.ImageError) as e:
