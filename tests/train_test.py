@@ -434,6 +434,11 @@ def test_a_workdir_in_use_is_refused_and_freed_with_its_run(tmp_path):
     assert sorted(os.listdir(workdir)) == [checkpoint.LOCK_FILE]  # no config.json written
   finally:
     lock.close()
+  # A place that cannot be written: one line (it had been a traceback, and over several
+  # processes the others had waited for process 0 until a timeout).
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(checkpoint.CheckpointError, match='file/run: cannot write there: Not a directory'):
+    train.train_and_evaluate(tiny_config(tmp_path), str(tmp_path / 'file' / 'run'))
   # A file system without locks: the run goes on, with a warning.
   def no_locks(*_):
     raise OSError(errno.ENOLCK, 'No locks available')

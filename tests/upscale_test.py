@@ -374,6 +374,32 @@ def test_ctrl_c_and_a_silent_peer_end_in_one_line(tmp_path, capsys, model_dirs, 
       'DEADLINE_EXCEEDED); this one: 3 done, 0 skipped, 0 failed']
 
 
+def test_processes_that_see_different_inputs_stop_before_the_work(tmp_path, capsys, monkeypatch):
+  # As two processes whose views of a shared folder differ (NFS caching, root_squash): each would
+  # skip or repeat the others' files.
+  for name in ('a', 'b'):
+    _png(tmp_path / 'in' / f'{name}.png', (4, 5, 3))
+  monkeypatch.setattr(upscale.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(upscale.distributed, 'allgather',
+                      lambda values: np.array([values, [values[0] + 1, 1, 7]]))
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'o', '--quiet', *FAST,
+                        load_model_fn=_no_model)
+  assert (code, out) == (2, '')
+  assert err.strip() == (f'w2x_jax.upscale: the processes see different inputs in {tmp_path / "in"} '
+                         '(process 0: 2 files, process 1: 3 files, 1 unlistable folders); give '
+                         'them all the same view of it')
+
+  def dead_peer(values):
+    raise RuntimeError('Gloo context initialization failed: DEADLINE_EXCEEDED\nmore')
+  monkeypatch.setattr(upscale.distributed, 'allgather', dead_peer)
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'o', '--quiet', *FAST,
+                        load_model_fn=_no_model)
+  assert (code, out) == (1, '')
+  assert err.strip() == ('w2x_jax.upscale: the other processes did not answer (Gloo context '
+                         'initialization failed: DEADLINE_EXCEEDED); nothing was done')
+  assert not os.path.exists(tmp_path / 'o')
+
+
 def _no_model(name):
   raise AssertionError(f'no model should be loaded (no work should start): {name}')
 

@@ -414,19 +414,22 @@ def train_and_evaluate(config, workdir, devices=None):
   """Trains (or resumes) the configured model in `workdir`; returns the final train state."""
   check_config(config)
   conv.keep_freed_memory_on_cpu()  # XLA:CPU re-faults its activations each step otherwise
-  os.makedirs(workdir, exist_ok=True)
   refused = lock = None
   if jax.process_index() == 0:
     try:
+      os.makedirs(workdir, exist_ok=True)
       lock = checkpoint.lock_workdir(workdir)
       checkpoint.save_run_config(workdir, config)
     except checkpoint.CheckpointError as e:
       refused = e
+    except OSError as e:  # a read-only or missing place: one line, not a traceback
+      refused = checkpoint.CheckpointError(f'{workdir}: cannot write there: {e.strerror or e}')
   try:
     # The other processes must stop too, not wait for process 0 in a collective.
     if distributed.broadcast_from_0(refused is not None):
       raise refused or checkpoint.CheckpointError(
-          f'{workdir}: process 0 refused the run config (see its log)')
+          f'{workdir}: process 0 refused the run (see its log)')
+    os.makedirs(workdir, exist_ok=True)  # the other processes' own, where not shared
     return _train(config, workdir, devices)
   finally:
     if lock is not None:

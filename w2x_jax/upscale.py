@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import sys
+import zlib
 
 import jax
 import numpy as np
@@ -524,9 +525,25 @@ def _terminate(signum, frame):  # pylint: disable=unused-argument
   raise Terminated()
 
 
-def main(argv=None, load_model_fn=None):
+def _first_line(e):
+  return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _lost_peer(code, exit_hard):
+  """`code`, or with `exit_hard` the process's end with it: at a normal exit JAX's shutdown
+  barrier would wait for the dead process, then abort (a C++ trace, exit 134) after its
+  heartbeat timeout."""
+  if exit_hard:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  return code
+
+
+def main(argv=None, load_model_fn=None, exit_hard=False):
   """Runs the command; returns the exit status. `load_model_fn(name_or_path) -> (model, params,
-  config)` replaces the model loading (tests)."""
+  config)` replaces the model loading (tests); `exit_hard`: where another process died, end this
+  one at once (the command line's; see _lost_peer)."""
   args = parse_args(argv)
   err = _say
   conv.keep_freed_memory_on_cpu()  # before JAX's backend starts (conv.py)
@@ -574,9 +591,22 @@ def main(argv=None, load_model_fn=None):
     else:
       by_output[dst_key] = src
   all_jobs = unique
-  # Several processes: each takes every n-th file (the listing is the same on all of them), runs it
-  # on its own devices only, and process 0 prints the summary of all.
+  # Several processes: each takes every n-th file (the listing is the same on all of them, checked
+  # here), runs it on its own devices only, and process 0 prints the summary of all.
   rank, size = jax.process_index(), jax.process_count()
+  if size > 1:
+    listing = '\n'.join(f'{s}\t{d}' for s, d in all_jobs).encode('utf-8', 'surrogateescape')
+    try:
+      views = distributed.allgather([len(all_jobs), len(listing_errors),
+                                     zlib.crc32(listing) & 0x7fffffff])
+    except Exception as e:  # pylint: disable=broad-except (a process that died or stopped early)
+      err(f'{PROG}: the other processes did not answer ({_first_line(e)}); nothing was done')
+      return _lost_peer(1, exit_hard)
+    if (views != views[0]).any():  # each would skip or repeat others' files
+      err(f'{PROG}: the processes see different inputs in {args.input} (' + ', '.join(
+          f'process {i}: {n} files' + (f', {k} unlistable folders' if k else '')
+          for i, (n, k, _) in enumerate(views.tolist())) + '); give them all the same view of it')
+      return 2
   jobs = list(enumerate(all_jobs))[rank::size]
   show = not args.quiet and rank == 0
   args.quiet = not show  # the other processes draw no bars (tile bars included) nor device line
@@ -639,10 +669,9 @@ def main(argv=None, load_model_fn=None):
   except KeyboardInterrupt:  # a second Ctrl+C while the others finish
     return 130
   except Exception as e:  # pylint: disable=broad-except (a process that died: one line, no traceback)
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    err(f'{PROG}: the other processes did not answer ({reason}); this one: {counts["done"]} done, '
-        f'{counts["skipped"]} skipped, {counts["failed"]} failed')
-    return 1
+    err(f'{PROG}: the other processes did not answer ({_first_line(e)}); this one: '
+        f'{counts["done"]} done, {counts["skipped"]} skipped, {counts["failed"]} failed')
+    return _lost_peer(1, exit_hard)
   done, skipped, failed, fatal_anywhere, interrupted_anywhere = totals.sum(axis=0).tolist()
   if fatal_anywhere:
     if rank == 0 and not fatal:
@@ -660,4 +689,4 @@ def main(argv=None, load_model_fn=None):
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(main(exit_hard=True))
