@@ -196,11 +196,17 @@ def test_model_choice_for_noise_and_scale(tmp_path, capsys, loaded):
   assert asked == ['scale2x_noise2', 'scale2x_noisenone']
   assert run('-n', '0', '--width', '4', '--height', '9') == (4, 9)
   assert asked == ['scale2x_noise0']
+  # A factor the 2x passes do not reach: one pass past it, then Lanczos down (round half even).
+  assert run('-n', '1', '-s', '1.5') == (4, 8) and asked == ['scale2x_noise1']
+  assert run('-n', '1', '-s', '3') == (9, 15)
+  assert asked == ['scale2x_noise1', 'scale2x_noisenone']
+  assert run('-n', '3', '-s', '0.5') == (2, 2) and asked == ['noise3']  # denoised, then down
   assert run('--tta') == (6, 10)
   assert asked == ['scale2x_noise0']  # -n 0 and -s 2 by default, as waifu2x's
   # -m: that model does every pass; without -s, once.
   assert run('-m', 'noise1') == (3, 5) and asked == ['noise1']
   assert run('-m', 'scale2x_noise3', '-s', '4') == (12, 20) and asked == ['scale2x_noise3']
+  assert run('-m', 'scale2x_noise3', '-s', '3') == (9, 15) and asked == ['scale2x_noise3']
   code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'c.png', '-m', 'noise1',
                       '-s', '2', '--quiet', load_model_fn=fake_load)
   assert code == 1 and 'cannot upscale' in err
@@ -243,9 +249,10 @@ def test_jpeg_alpha_refused_or_composited_and_bad_args(tmp_path, capsys, model_d
   code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '-f', 'jpg')
   assert code == 2 and 'b.png: its suffix says png but -f says jpeg' in err
   assert not os.path.exists(tmp_path / 'b.png')
-  with pytest.raises(SystemExit) as e:
-    upscale.main(['-i', 'x', '-o', 'y', '-s', '3'])
-  assert e.value.code == 2
+  for bad in (['-s', '0'], ['-s', '17'], ['-s', 'two'], ['-s', '2', '--width', '9']):
+    with pytest.raises(SystemExit) as e:
+      upscale.main(['-i', 'x', '-o', 'y', *bad])
+    assert e.value.code == 2
   code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'c.png', '-s', '1', '-n',
                       '-1', '--background', 'white')
   assert code == 0 and 'runs no model: the images are only converted' in err  # said, then done

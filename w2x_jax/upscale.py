@@ -43,7 +43,8 @@ from w2x_jax import inference
 PROG = 'w2x_jax.upscale'
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
 NOISE_LEVELS = (-1, 0, 1, 2, 3)
-SCALES = (1, 2, 4, 8)
+SCALES = (1, 2, 4, 8)  # the web page's choices
+MAX_SCALE = 16
 DEFAULT_NOISE = 0
 DEFAULT_SCALE = 2
 LIST_SUFFIXES = ('.txt',)
@@ -215,6 +216,8 @@ class Runner:
     target = target_size(height, width, args)
     if args.model:
       scale = self.upscaler(args.model).scale
+      if target is None and scale > 1:
+        target = _scale_target(height, width, args.scale, scale)
       if target is None:
         count = 1 if args.scale is None else _passes_for(args.scale, scale, args.model)
       else:
@@ -222,12 +225,27 @@ class Runner:
       return [args.model] * count, target
     noise = DEFAULT_NOISE if args.noise_level is None else args.noise_level
     if target is None:
-      count = int(math.log2(DEFAULT_SCALE if args.scale is None else args.scale))
+      target = _scale_target(height, width, args.scale, 2)
+    if target is None:
+      count = round(math.log2(DEFAULT_SCALE if args.scale is None else args.scale))
     else:
       count = _passes_to_reach(height, width, target, 2)
     if count == 0:
       return ([shipped_model(noise, False)] if noise >= 0 else []), target
     return [shipped_model(noise, True)] + [shipped_model(-1, True)] * (count - 1), target
+
+
+def _is_power(value, base):
+  """Whether `value` is base ** n for an integer n >= 0."""
+  return value >= 1 and base ** round(math.log(value, base)) == value
+
+
+def _scale_target(height, width, scale, model_scale):
+  """The output size of a -s that passes of `model_scale` do not reach exactly (1.5, 3): they
+  go past it and Lanczos brings the result down; None where they reach it (or no -s)."""
+  if scale is None or _is_power(scale, model_scale):
+    return None
+  return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _passes_for(wanted, model_scale, name):
@@ -440,6 +458,17 @@ def _quality(text):
   return value
 
 
+def _scale(text):
+  """-s: a factor in (0, MAX_SCALE]; whole ones as int (messages say 4, not 4.0)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+  if not 0 < value <= MAX_SCALE:
+    raise argparse.ArgumentTypeError(f'{text} is not in (0, {MAX_SCALE}]')
+  return int(value) if value.is_integer() else value
+
+
 def _positive(text):
   value = int(text)
   if value < 1:
@@ -464,9 +493,10 @@ def parse_args(argv=None):
   p.add_argument('-n', '--noise-level', type=int, choices=NOISE_LEVELS, default=None,
                  help=f'JPEG noise removal: -1 none, 0..3 (default {DEFAULT_NOISE}); '
                  'ignored with -m')
-  p.add_argument('-s', '--scale', type=int, choices=SCALES, default=None,
-                 help='upscaling: repeated 2x passes, denoising only in the first (default '
-                 f'{DEFAULT_SCALE}; with -m: one pass of the model)')
+  p.add_argument('-s', '--scale', type=_scale, default=None,
+                 help='upscaling: repeated 2x passes, denoising only in the first; a factor the '
+                 'passes do not reach exactly (1.5, 3) takes one pass more and a Lanczos downscale '
+                 f'(default {DEFAULT_SCALE}; with -m: one pass of the model; at most {MAX_SCALE})')
   p.add_argument('--width', type=_positive, help='output width: 2x passes, then a Lanczos '
                  'downscale to it (with --height alone, the aspect ratio is kept; with a scale-1 '
                  'model, -m noiseN, one pass and Lanczos does the whole resize)')
@@ -502,7 +532,10 @@ def parse_args(argv=None):
   g.add_argument('--distributed', choices=distributed.MODES, default=None,
                  help='auto: JAX reads the setup from the cluster (SLURM, Open MPI, TPU); default: '
                  f'${distributed.ENV_VAR}, else off')
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.scale is not None and (args.width or args.height):
+    p.error('-s and --width/--height both set the output size: give one')
+  return args
 
 
 def _job_format(args, single_output):
