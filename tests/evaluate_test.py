@@ -1,6 +1,7 @@
 """The evaluation protocol: metrics by hand, the published bicubic figures, the command's outputs."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ def test_bicubic_reproduces_published_figures(shared_data):
 
 def test_shipped_compact_dcscn_meets_the_papers_figures(shared_data):
   """Issue 7: the paper-protocol c-DCSCN reads at least the paper's figures on all three sets."""
-  predict, scale, _ = evaluate.make_predictor('paper_c_dcscn_y_scale2x', tta=False)
+  predict, scale, _, _ = evaluate.make_predictor('paper_c_dcscn_y_scale2x', tta=False)
   for name, paper in {'Set5': 37.13, 'Set14': 32.71, 'BSD100': 31.59}.items():
     pairs = evaluate.load_dataset(str(shared_data / 'benchmark' / name), scale, -1)
     summary, _, _ = evaluate.evaluate_dataset(predict, pairs, scale)
@@ -94,6 +95,25 @@ def test_command_writes_table_json_and_picture(tmp_path, capsys, scale, baseline
   assert picture.shape[1] == 4 * 40 + 3 * 4  # input, baseline, model, truth side by side
 
 
+def test_noise_level_defaults_to_the_models_and_pairs_of_another_scale_are_not_used(
+    tmp_path, capsys):
+  model_dir = pathlib.Path(_export_tiny(tmp_path / 'model', 2))
+  config = json.loads((model_dir / checkpoint.CONFIG_FILE).read_text())
+  config['data']['noise_level'] = 2  # as a model trained to remove level-2 noise
+  (model_dir / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
+  dataset = _dataset(tmp_path / 'mini')
+  assert evaluate.main(['--model', str(model_dir), '--dataset', str(dataset)]) == 0
+  assert ', noise level 2:' in capsys.readouterr().out
+  # X_LR partners made for 2x (as the benchmarks'), measured at 4x: bicubic inputs, said once.
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(dataset / 'p_LR.png')
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(dataset / 'p_HR.png')
+  said = []
+  pairs = evaluate.load_dataset(str(dataset), 4, -1, warn=said.append)
+  assert dict((n, lr.shape) for n, lr, _ in pairs)['p_HR.png'] == (10, 10, 3)
+  assert said == [f'{dataset}: 1 low-resolution files are not 1/4 of their ground truth (e.g. '
+                  'p_LR.png): inputs made by bicubic downscaling instead']
+
+
 def test_command_errors_are_one_line(tmp_path, capsys):
   assert evaluate.main(['--model', 'bicubic', '--dataset', str(tmp_path / 'none')]) == 1
   err = capsys.readouterr().err.strip().splitlines()
@@ -123,10 +143,14 @@ def test_command_reads_like_the_upscaler_and_refuses_bad_outputs_early(tmp_path,
   assert 'sliver.png: 40x12 is too small to measure' in capsys.readouterr().err
   assert sorted(json.loads(out_json.read_text())['datasets']) == ['mini', 'mini_2']
   (other / 'cut.png').write_bytes((dataset / '0.png').read_bytes()[:60])
-  assert evaluate.main(['--model', 'bicubic', '--dataset', str(other)]) == 1
+  # One dataset that fails: said, and the others still measured and written (exit 1).
+  assert evaluate.main(['--model', 'bicubic', '--dataset', str(other), '--dataset', str(dataset),
+                        '--json', str(out_json)]) == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and 'cut.png: cannot read' in err[0]
+  assert len(err) == 2 and 'cut.png: cannot read' in err[0]
+  assert sorted(json.loads(out_json.read_text())['datasets']) == ['mini']
   for extra in (['--json', str(tmp_path / 'no' / 'r.json')], ['--compare-dir', str(out_json)],
+                ['--json', str(tmp_path)], ['--compare-dir', str(out_json / 'sub')],
                 ['--scale', '0']):
     with pytest.raises(SystemExit) as e:
       evaluate.main(['--model', 'bicubic', '--dataset', str(dataset), *extra])

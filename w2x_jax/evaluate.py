@@ -76,7 +76,8 @@ def load_dataset(folder, scale, noise_level, warn=None):
   """[(name, model input uint8, ground truth uint8)] of a folder.
 
   A file `X_HR.png` with a partner `X_LR.png` uses that low-resolution file (MATLAB-made in the
-  benchmark sets); otherwise the input is made by Pillow bicubic downscaling. The level's JPEG noise
+  benchmark sets) where it is 1/scale of the ground truth; otherwise the input is made by Pillow
+  bicubic downscaling (said once per folder where a partner was of another size). The level's JPEG noise
   is then applied to the input either way. Images too small for SSIM after the border crop are
   skipped, each with a line to `warn`.
   """
@@ -87,7 +88,7 @@ def load_dataset(folder, scale, noise_level, warn=None):
   paths = sorted(p for p in glob.glob(os.path.join(folder, '**', '*'), recursive=True)
                  if os.path.splitext(p)[1].lower() in data.IMAGE_EXTENSIONS
                  and not os.path.splitext(p)[0].endswith(LR_SUFFIX))
-  pairs = []
+  pairs, unmatched = [], []
   for path in paths:
     stem, ext = os.path.splitext(path)
     hr = crop_to_multiple(read_rgb8(path), scale)
@@ -96,11 +97,11 @@ def load_dataset(folder, scale, noise_level, warn=None):
                       f'{SSIM_WINDOW} px a side after the {scale} px border), skipped')
       continue
     lr_path = stem[:-len(HR_SUFFIX)] + LR_SUFFIX + ext if stem.endswith(HR_SUFFIX) else None
-    if lr_path and scale > 1 and os.path.exists(lr_path):
-      lr = read_rgb8(lr_path)
-      if lr.shape[0] * scale != hr.shape[0] or lr.shape[1] * scale != hr.shape[1]:
-        raise data.DataError(f'{lr_path}: {lr.shape[1]}x{lr.shape[0]} is not 1/{scale} of its '
-                             f'ground truth {hr.shape[1]}x{hr.shape[0]}')
+    lr = read_rgb8(lr_path) if lr_path and scale > 1 and os.path.exists(lr_path) else None
+    if lr is not None and (lr.shape[0] * scale, lr.shape[1] * scale) != hr.shape[:2]:
+      unmatched.append(lr_path)  # made for another scale (the benchmarks' are 2x): not used
+      lr = None
+    if lr is not None:
       for quality in EVAL_JPEG_QUALITIES[noise_level]:
         lr = jpeg_roundtrip(lr, quality)
     else:
@@ -108,6 +109,10 @@ def load_dataset(folder, scale, noise_level, warn=None):
     pairs.append((os.path.relpath(path, folder), lr, hr))
   if not pairs:
     raise data.DataError(f'{folder}: no images')
+  if unmatched:
+    (warn or print)(f'{folder}: {len(unmatched)} low-resolution files are not 1/{scale} of their '
+                    f'ground truth (e.g. {os.path.basename(unmatched[0])}): inputs made by bicubic '
+                    'downscaling instead')
   return pairs
 
 
@@ -152,9 +157,10 @@ def evaluate_dataset(predict, pairs, scale):
 
 
 def make_predictor(model_name, tta, tile_size=None):
-  """(predict(lr uint8) -> uint8, scale, description) for a model name/folder, or 'bicubic'."""
+  """(predict(lr uint8) -> uint8, scale, description, the noise level it was trained for) for a
+  model name/folder, or 'bicubic' (None, None, 'bicubic', None)."""
   if model_name == 'bicubic':
-    return None, None, 'bicubic'
+    return None, None, 'bicubic', None
   from w2x_jax import inference  # pylint: disable=g-import-not-at-top
   model, params, config = upscale.load_model(model_name)
   upscaler = inference.Upscaler(params, config.model, model=model, tile_size=tile_size)
@@ -163,7 +169,8 @@ def make_predictor(model_name, tta, tile_size=None):
     out = upscaler(lr_uint8.astype(np.float32) / 255.0, tta=tta)
     return metrics_lib.to_uint8_range(out).astype(np.uint8)
 
-  return predict, int(config.model.scale), f'{model_name} ({config.model.name})'
+  return (predict, int(config.model.scale), f'{model_name} ({config.model.name})',
+          config.get('data', {}).get('noise_level'))
 
 
 def main(argv=None):
@@ -175,8 +182,9 @@ def main(argv=None):
   parser.add_argument('--dataset', action='append', required=True, metavar='DIR',
                       help='a folder of ground-truth images (X_HR.png + X_LR.png pairs are used as '
                       'given); repeatable')
-  parser.add_argument('--noise-level', '-n', type=int, default=-1, choices=sorted(EVAL_JPEG_QUALITIES),
-                      help='JPEG noise on the input at fixed qualities per level: '
+  parser.add_argument('--noise-level', '-n', type=int, default=None, choices=sorted(EVAL_JPEG_QUALITIES),
+                      help='JPEG noise on the input at fixed qualities per level (default: the '
+                      'level the model was trained for; -1 for bicubic): '
                       + ', '.join(f'{k}: {list(v)}' for k, v in EVAL_JPEG_QUALITIES.items()))
   positive = upscale._positive  # pylint: disable=protected-access (the command's own check)
   parser.add_argument('--scale', type=positive, default=2,
@@ -193,14 +201,26 @@ def main(argv=None):
   # The outputs' places, checked before any work (not found unwritable after it).
   if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
     parser.error(f'--json {args.json}: its folder does not exist')
-  if args.compare_dir and os.path.exists(args.compare_dir) and not os.path.isdir(args.compare_dir):
-    parser.error(f'--compare-dir {args.compare_dir}: is a file')
+  if args.json and os.path.isdir(args.json):
+    parser.error(f'--json {args.json}: is a folder')
+  if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+    parser.error(f'--json {args.json}: its folder is read-only')
+  if args.compare_dir:
+    try:
+      os.makedirs(args.compare_dir, exist_ok=True)
+    except OSError as e:
+      parser.error(f'--compare-dir {args.compare_dir}: {e.strerror or e}')
+    if not os.access(args.compare_dir, os.W_OK):
+      parser.error(f'--compare-dir {args.compare_dir}: is read-only')
   compilation_cache.enable(program='w2x_jax.evaluate')  # each image size compiles once, ever
   try:
-    predict, scale, description = make_predictor(args.model, args.tta, args.tile_size)
+    predict, scale, description, trained_noise = make_predictor(args.model, args.tta,
+                                                                args.tile_size)
   except Exception as e:  # pylint: disable=broad-except (a one-line error, never a traceback)
     print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
     return 1
+  if args.noise_level is None:  # a denoiser measured on clean input would read as a loss
+    args.noise_level = -1 if trained_noise is None else int(trained_noise)
   scale = scale or args.scale
   predict = predict or (lambda lr: bicubic_upscale(lr, scale))
   baseline_name = 'bicubic' if scale > 1 else 'noisy input'
@@ -211,13 +231,15 @@ def main(argv=None):
   print(f'{"dataset":<12} {"images":>6} {"model PSNR":>11} {baseline_name + " PSNR":>14} {"gain":>7}'
         f' {"model SSIM":>11} {baseline_name + " SSIM":>14}')
   warn = lambda message: print(f'w2x_jax.evaluate: {message}', file=sys.stderr)
+  failed = False
   for folder in args.dataset:
     try:
       pairs = load_dataset(folder, scale, args.noise_level, warn)
       summary, images, rows = evaluate_dataset(predict, pairs, scale)
     except (data.DataError, image_io.ImageError, OSError, ValueError) as e:
       print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
-      return 1
+      failed = True  # the other datasets are still measured and written
+      continue
     name = base = os.path.basename(os.path.normpath(folder))
     for k in range(2, len(args.dataset) + 2):  # two folders of one name: a/Set5, b/Set5
       if name not in results['datasets']:
@@ -229,11 +251,11 @@ def main(argv=None):
     if args.compare_dir:
       path = os.path.join(args.compare_dir, f'{name}_compare.png')
       try:
-        os.makedirs(args.compare_dir, exist_ok=True)
         image_io.write_image(path, side_by_side(rows, scale))
       except (image_io.ImageError, OSError) as e:
         print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
-        return 1
+        failed = True
+        continue
       print(f'{"":<12} side by side (input, {baseline_name}, model, truth): {path}')
   if args.json:
     text = json.dumps(results, indent=2).encode()
@@ -242,7 +264,7 @@ def main(argv=None):
     except image_io.ImageError as e:
       print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
       return 1
-  return 0
+  return 1 if failed else 0
 
 
 if __name__ == '__main__':
