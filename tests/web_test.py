@@ -416,6 +416,20 @@ def test_jobs_run_one_at_a_time(server):
   assert len(os.listdir(server.temp_folder)) <= web.KEEP_FINISHED
 
 
+def test_jpeg_of_a_transparent_image_without_a_colour_goes_over_white(server):
+  buf = io.BytesIO()
+  rgba = np.zeros((20, 30, 4), np.uint8)  # wholly transparent black: white once composited
+  Image.fromarray(rgba).save(buf, 'PNG')
+  status, _, body = server.upload(buf.getvalue(), 'clear.png', format='jpeg')
+  assert status == 202, body
+  done = server.wait(body['id'])
+  assert done['state'] == 'done', done
+  status, head, data = server.request(done['result']['download_url'])
+  assert status == 200 and head['content-type'] == 'image/jpeg'
+  with Image.open(io.BytesIO(data)) as im:
+    assert im.mode == 'RGB' and np.asarray(im).mean() > 240  # (the test's model is untrained)
+
+
 def test_stop_removes_the_temporary_folder(server):
   assert os.path.isdir(server.temp_folder)
   # An upload still arriving when the server stops (after its graceful wait): answered, not a

@@ -381,6 +381,8 @@ class Server:
       except ValueError as e:
         raise RequestError(400, str(e)) from e
       argv += ['--background', query['background']]
+    elif fmt == 'jpeg':  # JPEG has no alpha: over white, as the page's default colour
+      argv += ['--background', 'white']
     try:
       args = upscale.parse_args(argv)
     except SystemExit as e:  # not expected: every value was checked above
