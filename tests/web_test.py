@@ -430,6 +430,15 @@ def test_jpeg_of_a_transparent_image_without_a_colour_goes_over_white(server):
     assert im.mode == 'RGB' and np.asarray(im).mean() > 240  # (the test's model is untrained)
 
 
+def test_allowed_hosts():
+  parse = web.parse_args
+  assert web.allowed_hosts(parse([])) == list(web.LOOPBACK_HOSTS)
+  assert web.allowed_hosts(parse(['--allowed-host', 'pc.lan'])) == [*web.LOOPBACK_HOSTS, 'pc.lan']
+  assert web.allowed_hosts(parse(['--host', '0.0.0.0'])) is None  # any, with a warning
+  assert web.allowed_hosts(parse(['--host', '0.0.0.0', '--allowed-host', 'nas.local',
+                                  '--allowed-host', '192.168.1.5'])) == ['nas.local', '192.168.1.5']
+
+
 def test_stop_removes_the_temporary_folder(server):
   assert os.path.isdir(server.temp_folder)
   # An upload still arriving when the server stops (after its graceful wait): answered, not a

@@ -596,6 +596,15 @@ def make_app(server, allowed_hosts=None):
   return Starlette(routes=routes, middleware=middleware)
 
 
+def allowed_hosts(args):
+  """The Host header values the server answers (others are refused, against DNS rebinding):
+  loopback's names on loopback, plus --allowed-host; None (any) on a network address without it."""
+  extra = list(args.allowed_host or [])
+  if args.host in LOOPBACK_HOSTS:
+    return list(LOOPBACK_HOSTS) + extra
+  return extra or None
+
+
 def _port(text):
   value = int(text)
   if not 0 <= value <= 65535:
@@ -609,6 +618,10 @@ def parse_args(argv=None):
       'images in the browser, on this machine.')
   p.add_argument('--host', default=DEFAULT_HOST, help='address to listen on (default '
                  '%(default)s: this machine only; another address lets the network in)')
+  p.add_argument('--allowed-host', action='append', metavar='NAME',
+                 help='a Host header value to answer, repeatable (on a network address, the names '
+                 'and addresses clients use; others are refused); loopback\'s are always answered '
+                 'on loopback')
   p.add_argument('--port', type=_port, default=DEFAULT_PORT,
                  help='port (default %(default)s; 0 picks a free one)')
   p.add_argument('-m', '--model', action='append', metavar='DIR',
@@ -690,7 +703,10 @@ def _serve(args, say):
     if not loopback:
       say(f'warning: listening on {args.host}: other machines can reach this page')
     host = f'[{args.host}]' if ':' in args.host else args.host
-    allowed = list(LOOPBACK_HOSTS) if loopback else None
+    allowed = allowed_hosts(args)
+    if not loopback and allowed is None:
+      say('warning: any Host header is accepted on a network address; --allowed-host NAME '
+          '(the names and addresses clients use) refuses the others (DNS rebinding)')
     config = uvicorn.Config(make_app(server, allowed), log_level='warning', access_log=False,
                             lifespan='off', timeout_graceful_shutdown=5)
     say(f'serving http://{host}:{port}/ (Ctrl+C to stop); temporary files in {server.tmp}')
