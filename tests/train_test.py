@@ -124,6 +124,9 @@ def test_metrics_plot_restore_and_export(tmp_path, caplog):
 
   exported = checkpoint.export_model(tmp_path / 'exported', params, config)
   assert sorted(os.listdir(exported)) == [checkpoint.CONFIG_FILE, checkpoint.PARAMS_FILE]
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert os.stat(exported).st_mode & 0o777 == 0o777 & ~umask  # readable by others, as mkdir's
   _, params3, config3 = checkpoint.restore_model(exported)
   with pytest.raises(checkpoint.CheckpointError, match='an exported model holds one set'):
     checkpoint.restore_model(exported, best=True)

@@ -191,6 +191,9 @@ def export_model(path, params, config):
                           'folder (an earlier export is replaced)')
   tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a folder as mkdir makes it, not mkdtemp's 0700: shareable
     with open(os.path.join(tmp, PARAMS_FILE), 'wb') as f:
       f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
     _write_json_atomic(os.path.join(tmp, CONFIG_FILE), config_to_dict(config))
