@@ -253,6 +253,11 @@ def test_32bit_integer_tiff_spans_its_range(tmp_path):
   (tmp_path / 'i32.tif').write_bytes(tiff)
   image, _ = image_io.read_image(tmp_path / 'i32.tif')
   np.testing.assert_allclose(image[..., 0], ramp / (2 ** 32 - 1), atol=1e-6)
+  # 16-bit data in a 32-bit file (no sample above 65535): read as 16-bit, not as black.
+  counts = np.linspace(0, 65535, 30 * 40).reshape(30, 40).astype(np.int32)
+  Image.fromarray(counts, 'I').save(tmp_path / 'counts.tif')
+  image, _ = image_io.read_image(tmp_path / 'counts.tif')
+  np.testing.assert_allclose(image[..., 0], counts / 65535, atol=1e-6)
 
 
 def test_peek_reads_the_header_as_read_image_will_turn_it(tmp_path):

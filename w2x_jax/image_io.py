@@ -144,12 +144,17 @@ def _to_float(data, maxval):
 
 def integer_pixels(im, full_scale=None):
   """(values, white) of an integer-mode ('I', 'I;16*') Pillow image: 32-bit TIFF samples span
-  their type's range (signed where SampleFormat says so), other such images (16-bit PNG, PGM,
-  which Pillow scales to 16 bits) 65535. `full_scale`: white as found before a transpose (which
-  drops the TIFF tags)."""
+  their type's range (signed where SampleFormat says so) unless none passes 65535 (16-bit data in
+  a 32-bit file, as cameras' counts are kept: read as 16-bit, not as black); other such images
+  (16-bit PNG, PGM, which Pillow scales to 16 bits) 65535. `full_scale`: white as found before a
+  transpose (which drops the TIFF tags)."""
   white = full_scale or integer_full_scale(im)
   values = np.asarray(im)
-  return (values.view(np.uint32) if white == 2 ** 32 - 1 else values), white
+  if white == 2 ** 32 - 1:
+    values = values.view(np.uint32)
+  if white > 65535 and values.size and values.max() <= 65535:
+    white = 65535
+  return values, white
 
 
 def integer_full_scale(im):
@@ -185,7 +190,7 @@ def _read(path, im):
   white = integer_full_scale(im) if mode in _MODES_16 else 1
   im = ImageOps.exif_transpose(im)
   if mode in _MODES_16 or mode == 'F':
-    raw = integer_pixels(im, white)[0] if mode in _MODES_16 else np.asarray(im)
+    raw, white = integer_pixels(im, white) if mode in _MODES_16 else (np.asarray(im), 1)
     # (NaN as 0: a float file's NaN pixels would blank what the model computes around them)
     image = np.clip(np.nan_to_num(_to_float(raw, white)), 0, 1)
     trns = im.info.get('transparency')
