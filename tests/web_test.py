@@ -430,6 +430,29 @@ def test_jpeg_of_a_transparent_image_without_a_colour_goes_over_white(server):
     assert im.mode == 'RGB' and np.asarray(im).mean() > 240  # (the test's model is untrained)
 
 
+def test_results_deleted_while_downloading_are_sent_whole_or_not_found(server, files):
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  with open(files['image'], 'rb') as f:
+    png = f.read()
+  statuses = []
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    for _ in range(6):
+      status, _, body = server.upload(png, 'race.png')
+      assert status == 202, body
+      done = server.wait(body['id'])
+      assert done['state'] == 'done', done
+      url, size = done['result']['download_url'], done['result']['bytes']
+      gets = [pool.submit(server.request, url) for _ in range(3)]
+      pool.submit(server.request, f'/api/jobs/{body["id"]}', 'DELETE').result()
+      for got in gets:
+        status, _, data = got.result()
+        statuses.append(status)
+        assert status in (200, 404), status
+        assert status != 200 or len(data) == size
+  assert 'Traceback' not in server.output, server.output
+  assert 200 in statuses
+
+
 def test_allowed_hosts():
   parse = web.parse_args
   assert web.allowed_hosts(parse([])) == list(web.LOOPBACK_HOSTS)

@@ -35,6 +35,7 @@ import urllib.parse
 
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -181,6 +182,8 @@ class Job:
   started: float = 0.0
   finished: float = 0.0
   cancel: bool = False
+  downloads: int = 0  # results being sent: the files stay until the last one ends
+  discarded: bool = False  # removed from the server; its folder goes once no download runs
 
   @property
   def upload(self):
@@ -333,6 +336,22 @@ class Server:
       for job in old:
         del self.jobs[job.id]
     for job in old:
+      self._discard(job)
+
+  def _discard(self, job):
+    """Removes a job's folder (the job already out of `self.jobs`), or leaves that to the end of
+    the downloads of its result still running (they would fail half way, or with a 500)."""
+    with self.lock:
+      job.discarded = True
+      busy = job.downloads > 0
+    if not busy:
+      shutil.rmtree(job.dir, ignore_errors=True)
+
+  def _download_ended(self, job):
+    with self.lock:
+      job.downloads -= 1
+      gone = job.discarded and job.downloads == 0
+    if gone:
       shutil.rmtree(job.dir, ignore_errors=True)
 
   # Requests.
@@ -544,10 +563,15 @@ class Server:
       return _error(e.status, str(e))
     if job.state != 'done':
       return _error(409, f'{job.name}: no result ({job.state})')
+    with self.lock:
+      if job.discarded:
+        return _error(404, f'{job.name}: the result was removed')
+      job.downloads += 1
     download = request.query_params.get('download') == '1'
     return FileResponse(job.result, media_type=MEDIA_TYPES[job.fmt], filename=job.download_name,
                         content_disposition_type='attachment' if download else 'inline',
-                        headers={'Cache-Control': 'no-store'})
+                        headers={'Cache-Control': 'no-store'},
+                        background=BackgroundTask(self._download_ended, job))
 
   async def delete_job(self, request):
     try:
@@ -561,7 +585,7 @@ class Server:
       self.jobs.pop(job.id, None)
       if job.state == 'queued':
         job.state = 'cancelled'
-    shutil.rmtree(job.dir, ignore_errors=True)
+    self._discard(job)
     return _json({'id': job.id, 'state': 'removed'})
 
 
