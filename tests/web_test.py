@@ -362,6 +362,22 @@ def test_http_errors_leave_nothing_behind(server, files):
     assert json.loads(response.read())['error'] == (
         f'slow{i}.png: the upload stalled (nothing for {UPLOAD_TIMEOUT} s)')
     conn.close()
+  # Nor one that sends a byte now and then (the gaps alone would let it stay for hours).
+  conn = http.client.HTTPConnection(host, int(port), timeout=60)
+  conn.putrequest('POST', '/api/jobs?model=m0')
+  conn.putheader('X-Filename', 'trickle.png')
+  conn.putheader('Content-Length', '100000')
+  conn.endheaders()
+  try:
+    for _ in range(4 * UPLOAD_TIMEOUT):
+      conn.send(b'0')
+      time.sleep(0.5)
+  except OSError:
+    pass  # dropped: the server may close before all are sent
+  response = conn.getresponse()
+  assert response.status == 408
+  assert 'trickle.png: the upload is too slow' in json.loads(response.read())['error']
+  conn.close()
   status, _, body = server.upload(png, 'after.png')
   assert status == 202, body
   assert server.wait(body['id'])['state'] == 'done'

@@ -55,6 +55,7 @@ DEFAULT_HOST = '127.0.0.1'
 DEFAULT_PORT = 8812
 DEFAULT_MAX_PIXELS = '3000x3000'
 DEFAULT_MAX_UPLOAD = '100M'
+MIN_UPLOAD_RATE = 64 * 1024  # bytes/s on average, past the first --upload-timeout seconds
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_UPLOAD_TIMEOUT = 30  # seconds an upload may send nothing before it is dropped (408)
 LOOPBACK_HOSTS = ('127.0.0.1', 'localhost', '::1', '[::1]')
@@ -508,7 +509,7 @@ class Server:
                 dir=tempfile.mkdtemp(prefix='job-', dir=self.tmp))
       self.jobs[job.id] = job
     try:
-      size = 0
+      size, start = 0, time.monotonic()
       chunks = request.stream().__aiter__()
       with open(job.upload, 'xb') as f:
         while True:
@@ -520,6 +521,11 @@ class Server:
             raise RequestError(408, f'{name}: the upload stalled (nothing for '  # pylint: disable=raise-missing-from
                                f'{self.upload_timeout} s)')
           size += len(chunk)
+          elapsed = time.monotonic() - start
+          if elapsed > self.upload_timeout and size < MIN_UPLOAD_RATE * elapsed:
+            # (nor one that sends a byte now and then: the gaps alone would let it stay)
+            raise RequestError(408, f'{name}: the upload is too slow ({size / elapsed / 1024:.3g} '
+                               f'KB/s on average, under {MIN_UPLOAD_RATE // 1024} KB/s)')
           if size > self.max_upload:
             raise RequestError(413, too_big)
           f.write(chunk)
@@ -662,8 +668,9 @@ def parse_args(argv=None):
   p.add_argument('--max-queue', type=positive, default=DEFAULT_MAX_QUEUE,
                  help='jobs waiting or running at most (default %(default)s)')
   p.add_argument('--upload-timeout', type=positive, default=DEFAULT_UPLOAD_TIMEOUT, metavar='S',
-                 help='drop an upload that sends nothing for S seconds (default %(default)s), '
-                 'so that stalled clients hold no queue place')
+                 help='drop an upload that sends nothing for S seconds, or less than '
+                 f'{MIN_UPLOAD_RATE // 1024} KB/s on average after S seconds (default %(default)s), '
+                 'so that stalled or trickling clients hold no queue place')
   p.add_argument('--tile-size', type=positive, default=inference.DEFAULT_TILE_SIZE,
                  help='tile side in input pixels, margins included (default %(default)s)')
   p.add_argument('--batch-size', type=positive, default=None,
