@@ -118,6 +118,11 @@ def test_command_errors_are_one_line(tmp_path, capsys):
   assert evaluate.main(['--model', 'bicubic', '--dataset', str(tmp_path / 'none')]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'no such dataset folder' in err[0]
+  (tmp_path / 'lr_only').mkdir()
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'lr_only' / 'a_LR.png')
+  assert evaluate.main(['--model', 'bicubic', '--dataset', str(tmp_path / 'lr_only')]) == 1
+  assert capsys.readouterr().err.strip().endswith(
+      'lr_only: no images (only low-resolution _LR files: their ground truth is needed)')
   assert evaluate.main(['--model', str(tmp_path / 'nomodel'), '--dataset', str(tmp_path)]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'nomodel' in err[0]
@@ -140,7 +145,7 @@ def test_command_reads_like_the_upscaler_and_refuses_bad_outputs_early(tmp_path,
   out_json = tmp_path / 'r.json'
   assert evaluate.main(['--model', 'bicubic', '--dataset', str(dataset), '--dataset', str(other),
                         '--json', str(out_json)]) == 0
-  assert 'sliver.png: 40x12 is too small to measure' in capsys.readouterr().err
+  assert 'sliver.png: 40x12 is too small to measure' in capsys.readouterr().err  # its own size
   assert sorted(json.loads(out_json.read_text())['datasets']) == ['mini', 'mini_2']
   (other / 'cut.png').write_bytes((dataset / '0.png').read_bytes()[:60])
   # One dataset that fails: said, and the others still measured and written (exit 1).

@@ -456,6 +456,11 @@ def test_output_folder_that_cannot_be_written_fails_before_the_work(tmp_path, ca
                         *FAST, load_model_fn=_no_model)
   assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
   assert f'cannot write: {tmp_path / "file"} is not a folder' in err
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'file', '--quiet', *FAST,
+                        load_model_fn=_no_model)  # the folder's outputs into a file: said once
+  assert (code, out) == (2, '')
+  assert err.strip() == (f'w2x_jax.upscale: {tmp_path / "file"}: is a file; the outputs of a folder '
+                         'or a list go in a folder')
   os.makedirs(tmp_path / 'o2' / 'a.png')  # a folder where the output goes: not 'skipped'
   code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'o2', '--quiet', *FAST,
                         load_model_fn=_no_model)

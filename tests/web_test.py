@@ -381,6 +381,11 @@ def test_http_errors_leave_nothing_behind(server, files):
   status, _, body = server.upload(png, 'after.png')
   assert status == 202, body
   assert server.wait(body['id'])['state'] == 'done'
+  # Starlette's own refusals answer as the API does: one-line JSON.
+  status, _, body = server.request('/api/nothing')
+  assert (status, body) == (404, {'error': 'GET /api/nothing: Not Found'})
+  status, _, body = server.request('/api/config', 'DELETE')
+  assert (status, body) == (405, {'error': 'DELETE /api/config: Method Not Allowed'})
   # Another Host header (DNS rebinding) is refused.
   status, _, _ = server.request('/api/config', headers={'Host': 'evil.example'})
   assert status == 400

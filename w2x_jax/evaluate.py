@@ -91,10 +91,11 @@ def load_dataset(folder, scale, noise_level, warn=None):
   pairs, unmatched = [], []
   for path in paths:
     stem, ext = os.path.splitext(path)
-    hr = crop_to_multiple(read_rgb8(path), scale)
+    whole = read_rgb8(path)
+    hr = crop_to_multiple(whole, scale)
     if min(hr.shape[:2]) < SSIM_WINDOW + 2 * scale:
-      (warn or print)(f'{path}: {hr.shape[1]}x{hr.shape[0]} is too small to measure (SSIM needs '
-                      f'{SSIM_WINDOW} px a side after the {scale} px border), skipped')
+      (warn or print)(f'{path}: {whole.shape[1]}x{whole.shape[0]} is too small to measure (SSIM '
+                      f'needs {SSIM_WINDOW} px a side after the {scale} px border), skipped')
       continue
     lr_path = stem[:-len(HR_SUFFIX)] + LR_SUFFIX + ext if stem.endswith(HR_SUFFIX) else None
     lr = read_rgb8(lr_path) if lr_path and scale > 1 and os.path.exists(lr_path) else None
@@ -108,7 +109,9 @@ def load_dataset(folder, scale, noise_level, warn=None):
       lr = degrade_for_eval(hr, scale, noise_level)
     pairs.append((os.path.relpath(path, folder), lr, hr))
   if not pairs:
-    raise data.DataError(f'{folder}: no images')
+    only_lr = not paths and glob.glob(os.path.join(folder, '**', f'*{LR_SUFFIX}.*'), recursive=True)
+    hint = f' (only low-resolution {LR_SUFFIX} files: their ground truth is needed)' if only_lr else ''
+    raise data.DataError(f'{folder}: no images{hint}')
   if unmatched:
     (warn or print)(f'{folder}: {len(unmatched)} low-resolution files are not 1/{scale} of their '
                     f'ground truth (e.g. {os.path.basename(unmatched[0])}): inputs made by bicubic '
@@ -240,7 +243,7 @@ def main(argv=None):
       print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
       failed = True  # the other datasets are still measured and written
       continue
-    name = base = os.path.basename(os.path.normpath(folder))
+    name = base = os.path.basename(os.path.abspath(folder))  # '.' named as the folder it is
     for k in range(2, len(args.dataset) + 2):  # two folders of one name: a/Set5, b/Set5
       if name not in results['datasets']:
         break

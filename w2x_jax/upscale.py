@@ -596,6 +596,9 @@ def main(argv=None, load_model_fn=None, exit_hard=False):
   except image_io.ImageError as e:
     err(f'{PROG}: {e}')
     return 2
+  if not single and os.path.exists(args.output) and not os.path.isdir(args.output):
+    err(f'{PROG}: {args.output}: is a file; the outputs of a folder or a list go in a folder')
+    return 2
   listing_errors = []
   try:
     all_jobs = list_jobs(args.input, args.output, fmt, listing_errors)

@@ -37,6 +37,7 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
@@ -623,7 +624,13 @@ def make_app(server, allowed_hosts=None):
   ]
   middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts \
       else []
-  return Starlette(routes=routes, middleware=middleware)
+  return Starlette(routes=routes, middleware=middleware,
+                   exception_handlers={HTTPException: _http_error})
+
+
+async def _http_error(request, exc):  # pylint: disable=unused-argument
+  """Starlette's own refusals (no such path 404, wrong method 405) as the API's JSON errors."""
+  return _error(exc.status_code, f'{request.method} {request.url.path}: {exc.detail}')
 
 
 def allowed_hosts(args):
