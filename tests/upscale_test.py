@@ -388,13 +388,30 @@ def test_processes_that_see_different_inputs_stop_before_the_work(tmp_path, caps
     _png(tmp_path / 'in' / f'{name}.png', (4, 5, 3))
   monkeypatch.setattr(upscale.jax, 'process_count', lambda: 2)
   monkeypatch.setattr(upscale.distributed, 'allgather',
-                      lambda values: np.array([values, [values[0] + 1, 1, 7]]))
+                      lambda values: np.array([values, [values[0] + 1, 1, 7, 0]]))
   code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'o', '--quiet', *FAST,
                         load_model_fn=_no_model)
   assert (code, out) == (2, '')
   assert err.strip() == (f'w2x_jax.upscale: the processes see different inputs in {tmp_path / "in"} '
                          '(process 0: 2 files, process 1: 3 files, 1 unlistable folders); give '
                          'them all the same view of it')
+
+  # A process that refuses the run (its output a file, its list unreadable) still meets the
+  # others' check, and all stop.
+  monkeypatch.setattr(upscale.distributed, 'allgather',
+                      lambda values: np.array([values, [0, 0, 0, 1]]))
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'o', '--quiet', *FAST,
+                        load_model_fn=_no_model)
+  assert (code, out) == (2, '')
+  assert err.strip() == ('w2x_jax.upscale: stopped: process(es) 1 refused the run (see their '
+                         'lines)')
+  (tmp_path / 'file').write_text('')
+  gathered = []
+  monkeypatch.setattr(upscale.distributed, 'allgather',
+                      lambda values: gathered.append(values) or np.array([values, values]))
+  code, out, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'file', '--quiet', *FAST,
+                        load_model_fn=_no_model)
+  assert (code, out, gathered[0][3]) == (2, '', True) and 'is a file' in err
 
   def dead_peer(values):
     raise RuntimeError('Gloo context initialization failed: DEADLINE_EXCEEDED\nmore')
@@ -500,8 +517,11 @@ def test_two_names_of_one_output_clash_in_the_command(tmp_path, capsys, model_di
 def test_links_into_the_tree_keep_the_folders_own_names(tmp_path):
   _png(tmp_path / 'in' / 'z' / 'photo.png', (4, 4, 3))
   os.symlink(tmp_path / 'in' / 'z', tmp_path / 'in' / 'a_link')  # sorts first; not followed
+  _png(tmp_path / 'in' / '.originals' / 'kept.png', (4, 4, 3))
+  os.symlink(tmp_path / 'in' / '.originals', tmp_path / 'in' / 'originals')  # the hidden one's way
   jobs = upscale.list_jobs(str(tmp_path / 'in'), str(tmp_path / 'out'), 'png')
-  assert jobs == [(str(tmp_path / 'in' / 'z' / 'photo.png'), str(tmp_path / 'out' / 'z' / 'photo.png'))]
+  assert jobs == [(str(tmp_path / 'in' / n), str(tmp_path / 'out' / n))
+                  for n in ('originals/kept.png', 'z/photo.png')]
 
 
 def test_two_names_of_one_output_clash(tmp_path, loaded):
@@ -588,7 +608,8 @@ def test_images_larger_than_the_free_memory_fail_before_the_work(tmp_path, capsy
   assert not os.path.exists(tmp_path / 'small.png')
   # A container's memory limit (cgroup v2) counts where it leaves less than the machine.
   numbers = {'/proc/meminfo': 8 << 20, '/sys/fs/cgroup/memory.max': 3 << 30,
-             '/sys/fs/cgroup/memory.current': 1 << 30}
+             '/sys/fs/cgroup/memory.current': (1 << 30) + (256 << 20),
+             '/sys/fs/cgroup/memory.stat': 256 << 20}  # its inactive_file: page cache
   monkeypatch.undo()
   monkeypatch.setattr(upscale, '_read_number', lambda path, field=None: numbers[path])
   assert upscale.available_memory() == 2 << 30  # 8 GiB free, 2 GiB under the limit

@@ -384,8 +384,9 @@ def test_http_errors_leave_nothing_behind(server, files):
   # Starlette's own refusals answer as the API does: one-line JSON.
   status, _, body = server.request('/api/nothing')
   assert (status, body) == (404, {'error': 'GET /api/nothing: Not Found'})
-  status, _, body = server.request('/api/config', 'DELETE')
+  status, head, body = server.request('/api/config', 'DELETE')
   assert (status, body) == (405, {'error': 'DELETE /api/config: Method Not Allowed'})
+  assert 'GET' in head['allow']
   # Another Host header (DNS rebinding) is refused.
   status, _, _ = server.request('/api/config', headers={'Host': 'evil.example'})
   assert status == 400
@@ -472,6 +473,14 @@ def test_results_deleted_while_downloading_are_sent_whole_or_not_found(server, f
         assert status != 200 or len(data) == size
   assert 'Traceback' not in server.output, server.output
   assert 200 in statuses
+  # A download refused for its Range header (416) ends too: the folder still goes with the job.
+  status, _, body = server.upload(png, 'range.png')
+  done = server.wait(body['id'])
+  status, _, _ = server.request(done['result']['download_url'], headers={'Range': 'bytes=99999999-'})
+  assert status == 416
+  before = set(os.listdir(server.temp_folder))
+  assert server.request(f'/api/jobs/{body["id"]}', 'DELETE')[0] == 200
+  assert len(before - set(os.listdir(server.temp_folder))) == 1
 
 
 def test_allowed_hosts():

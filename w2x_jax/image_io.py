@@ -223,13 +223,24 @@ def walk_folder(root, onerror=None, skip=()):
   `skip` are left out. `onerror(OSError)` hears of folders that cannot be
   listed."""
   root_real = os.path.realpath(root)
-  visited = {root_real} | {os.path.realpath(s) for s in skip}
+  skipped = {os.path.realpath(s) for s in skip}
+  visited = {root_real} | skipped
+
+  def walked_by_its_own_name(real):
+    """Whether the walk reaches folder `real` under its own name: inside the tree, not under
+    a hidden or skipped folder."""
+    if not (real + os.sep).startswith(root_real + os.sep):
+      return False
+    parts = os.path.relpath(real, root_real).split(os.sep)
+    return not any(p.startswith('.') for p in parts if p != os.curdir) and not any(
+        (real + os.sep).startswith(s + os.sep) for s in skipped)
+
   for folder, dirs, files in os.walk(root, onerror=onerror, followlinks=True):
     kept = []
     for d in sorted(dirs):
       path = os.path.join(folder, d)
       real = os.path.realpath(path)
-      if os.path.islink(path) and (real + os.sep).startswith(root_real + os.sep):
+      if os.path.islink(path) and walked_by_its_own_name(real):
         continue  # a link into the tree: its folder keeps its own name
       if not d.startswith('.') and real not in visited:
         visited.add(real)

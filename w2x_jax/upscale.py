@@ -7,9 +7,10 @@ file, or a folder (existing, or ending with '/') to write it into.
 
 Models: without -m, `-n N` and `-s S` pick the shipped models in w2x_jax/weights/: scale 2x passes
 use `scale2x_noiseN` for the first pass and `scale2x_noisenone` for the others (denoising only
-once), and -s 1 uses `noiseN`. `-m` takes a shipped model's name or a checkpoint folder (an
-exported model or a training workdir); that one model then does every pass (-s must be a power
-of its scale; without -s it runs once), and -n is ignored.
+once), and -s 1 uses `noiseN`; a factor the passes do not reach exactly (1.5, 3) takes the passes
+past it and a Lanczos downscale. `-m` takes a shipped model's name or a checkpoint folder (an
+exported model or a training workdir); that one model then does every pass (for -s as above;
+without -s it runs once; a scale-1 model takes only -s 1), and -n is ignored.
 
 Every output is written to a temporary file beside it and renamed, so no partial file is ever
 left. Files that cannot be read or written are reported and the others go on; the run ends with
@@ -370,6 +371,8 @@ def available_memory():
   free = free * 1024 if free is not None else None
   limit = _read_number('/sys/fs/cgroup/memory.max')  # 'max' (no limit) reads as None
   used = _read_number('/sys/fs/cgroup/memory.current')
+  if used is not None:  # less the page cache the kernel can drop (the working set, as Docker's)
+    used -= _read_number('/sys/fs/cgroup/memory.stat', 'inactive_file ') or 0
   if limit is not None and used is not None:
     free = min(free, limit - used) if free is not None else limit - used
   return free
@@ -596,16 +599,21 @@ def main(argv=None, load_model_fn=None, exit_hard=False):
   except image_io.ImageError as e:
     err(f'{PROG}: {e}')
     return 2
+  # A refusal found here is said, and (several processes) shared below, so that no process waits
+  # for one that stopped.
+  refusal, all_jobs, listing_errors = None, [], []
   if not single and os.path.exists(args.output) and not os.path.isdir(args.output):
-    err(f'{PROG}: {args.output}: is a file; the outputs of a folder or a list go in a folder')
-    return 2
-  listing_errors = []
-  try:
-    all_jobs = list_jobs(args.input, args.output, fmt, listing_errors)
-  except OSError as e:
-    err(f'{PROG}: {args.input}: cannot read the list: {e.strerror or e}')
-    return 2
-  if not all_jobs and not listing_errors and not args.quiet and jax.process_index() == 0:
+    refusal = f'{args.output}: is a file; the outputs of a folder or a list go in a folder'
+  else:
+    try:
+      all_jobs = list_jobs(args.input, args.output, fmt, listing_errors)
+    except OSError as e:
+      refusal = f'{args.input}: cannot read the list: {e.strerror or e}'
+  if refusal:
+    err(f'{PROG}: {refusal}')
+    if jax.process_count() == 1:
+      return 2
+  elif not all_jobs and not listing_errors and not args.quiet and jax.process_index() == 0:
     err(f'{PROG}: no images in {args.input} (suffixes Pillow reads, hidden files skipped)')
   # Decided over the whole list, so that it does not depend on which process gets which file: a
   # file listed twice runs once; of two inputs with one output, the later one fails; an output
@@ -634,14 +642,19 @@ def main(argv=None, load_model_fn=None, exit_hard=False):
     listing = '\n'.join(f'{s}\t{d}' for s, d in all_jobs).encode('utf-8', 'surrogateescape')
     try:
       views = distributed.allgather([len(all_jobs), len(listing_errors),
-                                     zlib.crc32(listing) & 0x7fffffff])
+                                     zlib.crc32(listing) & 0x7fffffff, bool(refusal)])
     except Exception as e:  # pylint: disable=broad-except (a process that died or stopped early)
       err(f'{PROG}: the other processes did not answer ({_first_line(e)}); nothing was done')
       return _lost_peer(1, exit_hard)
+    if views[:, 3].any():
+      if not refusal:
+        err(f'{PROG}: stopped: process(es) ' + ', '.join(
+            str(i) for i in range(size) if views[i, 3]) + ' refused the run (see their lines)')
+      return 2
     if (views != views[0]).any():  # each would skip or repeat others' files
       err(f'{PROG}: the processes see different inputs in {args.input} (' + ', '.join(
           f'process {i}: {n} files' + (f', {k} unlistable folders' if k else '')
-          for i, (n, k, _) in enumerate(views.tolist())) + '); give them all the same view of it')
+          for i, (n, k, _, _) in enumerate(views.tolist())) + '); give them all the same view of it')
       return 2
   jobs = list(enumerate(all_jobs))[rank::size]
   show = not args.quiet and rank == 0

@@ -35,7 +35,6 @@ import urllib.parse
 
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -575,10 +574,10 @@ class Server:
         return _error(404, f'{job.name}: the result was removed')
       job.downloads += 1
     download = request.query_params.get('download') == '1'
-    return FileResponse(job.result, media_type=MEDIA_TYPES[job.fmt], filename=job.download_name,
-                        content_disposition_type='attachment' if download else 'inline',
-                        headers={'Cache-Control': 'no-store'},
-                        background=BackgroundTask(self._download_ended, job))
+    return _CountedFileResponse(
+        job.result, media_type=MEDIA_TYPES[job.fmt], filename=job.download_name,
+        content_disposition_type='attachment' if download else 'inline',
+        headers={'Cache-Control': 'no-store'}, on_end=lambda: self._download_ended(job))
 
   async def delete_job(self, request):
     try:
@@ -596,12 +595,28 @@ class Server:
     return _json({'id': job.id, 'state': 'removed'})
 
 
-def _json(obj, status_code=200):
-  return JSONResponse(obj, status_code=status_code, headers={'Cache-Control': 'no-store'})
+class _CountedFileResponse(FileResponse):
+  """A FileResponse that calls `on_end()` however it ends: sent, cut, or refused (a bad Range
+  header returns early, where a background task would never run)."""
+
+  def __init__(self, *args, on_end, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._on_end = on_end
+
+  async def __call__(self, scope, receive, send):
+    try:
+      await super().__call__(scope, receive, send)
+    finally:
+      self._on_end()
 
 
-def _error(status, message):
-  return _json({'error': message}, status_code=status)
+def _json(obj, status_code=200, headers=None):
+  return JSONResponse(obj, status_code=status_code,
+                      headers={'Cache-Control': 'no-store', **(headers or {})})
+
+
+def _error(status, message, headers=None):
+  return _json({'error': message}, status_code=status, headers=headers)
 
 
 def _remove(path):
@@ -630,7 +645,8 @@ def make_app(server, allowed_hosts=None):
 
 async def _http_error(request, exc):  # pylint: disable=unused-argument
   """Starlette's own refusals (no such path 404, wrong method 405) as the API's JSON errors."""
-  return _error(exc.status_code, f'{request.method} {request.url.path}: {exc.detail}')
+  return _error(exc.status_code, f'{request.method} {request.url.path}: {exc.detail}',
+                headers=exc.headers)  # (405's Allow)
 
 
 def allowed_hosts(args):
@@ -740,8 +756,11 @@ def _serve(args, say):
     loopback = args.host in LOOPBACK_HOSTS
     if not loopback:
       say(f'warning: listening on {args.host}: other machines can reach this page')
-    host = f'[{args.host}]' if ':' in args.host else args.host
     allowed = allowed_hosts(args)
+    host = args.host
+    if host in ('0.0.0.0', '::') and allowed:  # a wildcard is no address to give a browser
+      host = allowed[0]
+    host = f'[{host}]' if ':' in host and not host.startswith('[') else host
     if not loopback and allowed is None:
       say('warning: any Host header is accepted on a network address; --allowed-host NAME '
           '(the names and addresses clients use) refuses the others (DNS rebinding)')
