@@ -90,7 +90,7 @@ def test_one_device_equals_four(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
 
 
-def test_metrics_plot_restore_and_export(tmp_path, caplog):
+def test_metrics_plot_restore_and_export(tmp_path, caplog, capsys):
   folder = make_image_folder(tmp_path / 'images')
   workdir = tmp_path / 'run'
   config = tiny_config(folder, num_steps=4)
@@ -135,6 +135,8 @@ def test_metrics_plot_restore_and_export(tmp_path, caplog):
 
   # The same from the command line (the best step here: validation PSNR is logged at 2 and 4).
   assert checkpoint.main(['export', str(workdir), str(tmp_path / 'cli'), '--best']) == 0
+  best_at = checkpoint.restore_model(workdir, best=True, with_step=True)[3]
+  assert f'cli (step {best_at}, ' in capsys.readouterr().out  # which checkpoint, said
   _, params4, _ = checkpoint.restore_model(tmp_path / 'cli')
   _, best, _ = checkpoint.restore_model(workdir, best=True)
   jax.tree.map(np.testing.assert_array_equal, params4, jax.device_get(best))

@@ -206,8 +206,9 @@ def export_model(path, params, config):
   return path
 
 
-def restore_model(path, step=None, best=False):
-  """Returns (model, params, config) from an exported folder, a training workdir or one step folder.
+def restore_model(path, step=None, best=False, with_step=False):
+  """Returns (model, params, config) from an exported folder, a training workdir or one step folder
+  (with_step=True: and the step read, None for an exported folder).
 
   From a workdir: the latest step, or `step`, or with best=True the best by validation PSNR.
   Only the parameters are read, never the optimizer state.
@@ -225,7 +226,8 @@ def restore_model(path, step=None, best=False):
     model = models.build_model(config.model)
     with open(os.path.join(path, PARAMS_FILE), 'rb') as f:
       params = flax.serialization.msgpack_restore(f.read())
-    return model, jax.tree.map(np.asarray, params), config
+    restored = model, jax.tree.map(np.asarray, params), config
+    return (*restored, None) if with_step else restored
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):  # a workdir
     workdir, step_dir = path, None
   elif os.path.isdir(os.path.join(path, 'params')):  # one step folder: workdir/checkpoints/<step>
@@ -243,7 +245,9 @@ def restore_model(path, step=None, best=False):
   abstract = _abstract_params(model, config.model)
   if step_dir is not None:
     params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'params'), abstract)
-    return model, params, config
+    step_name = os.path.basename(step_dir)
+    restored = model, params, config
+    return (*restored, int(step_name) if step_name.isdigit() else None) if with_step else restored
   # Not Orbax's read_only mode (it warns on every restore); this manager is only read from.
   manager = make_manager(workdir, create=False)
   if best:
@@ -256,7 +260,8 @@ def restore_model(path, step=None, best=False):
     raise CheckpointError(f'{workdir}: no checkpoint of step {step} (it keeps steps '
                           f'{", ".join(map(str, manager.all_steps())) or "none"})')
   restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-  return model, restored['params'], config
+  return (model, restored['params'], config, step) if with_step else (
+      model, restored['params'], config)
 
 
 def main(argv=None):
@@ -273,12 +278,14 @@ def main(argv=None):
   which.add_argument('--step', type=int, help='this step (default: the latest)')
   args = parser.parse_args(argv)
   try:
-    _, params, config = restore_model(args.workdir, step=args.step, best=args.best)
+    _, params, config, step = restore_model(args.workdir, step=args.step, best=args.best,
+                                            with_step=True)
     path = export_model(args.out, params, config)
   except (CheckpointError, OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  print(f'exported {path} ({models.count_params(params):,} params)')
+  source = '' if step is None else f'step {step}, '
+  print(f'exported {path} ({source}{models.count_params(params):,} params)')
   return 0
 
 
