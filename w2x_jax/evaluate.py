@@ -202,11 +202,12 @@ def main(argv=None):
   from w2x_jax import data  # pylint: disable=g-import-not-at-top
   from w2x_jax import image_io  # pylint: disable=g-import-not-at-top
   # The outputs' places, checked before any work (not found unwritable after it).
-  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+  json_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+  if json_dir and not os.path.isdir(json_dir):
     parser.error(f'--json {args.json}: its folder does not exist')
-  if args.json and os.path.isdir(args.json):
+  if json_dir and os.path.isdir(args.json):
     parser.error(f'--json {args.json}: is a folder')
-  if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+  if json_dir and not os.access(json_dir, os.W_OK):
     parser.error(f'--json {args.json}: its folder is read-only')
   if args.compare_dir:
     try:
@@ -215,12 +216,14 @@ def main(argv=None):
       parser.error(f'--compare-dir {args.compare_dir}: {e.strerror or e}')
     if not os.access(args.compare_dir, os.W_OK):
       parser.error(f'--compare-dir {args.compare_dir}: is read-only')
+  warn = lambda message: print(f'w2x_jax.evaluate: {message}', file=sys.stderr)
+  error = lambda e: warn(f'error: {e}')
   compilation_cache.enable(program='w2x_jax.evaluate')  # each image size compiles once, ever
   try:
     predict, scale, description, trained_noise = make_predictor(args.model, args.tta,
                                                                 args.tile_size)
   except Exception as e:  # pylint: disable=broad-except (a one-line error, never a traceback)
-    print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
+    error(e)
     return 1
   if args.noise_level is None:  # a denoiser measured on clean input would read as a loss
     args.noise_level = -1 if trained_noise is None else int(trained_noise)
@@ -233,14 +236,13 @@ def main(argv=None):
         f'{", TTA" if args.tta else ""}: PSNR/SSIM on Y, {scale} px border')
   print(f'{"dataset":<12} {"images":>6} {"model PSNR":>11} {baseline_name + " PSNR":>14} {"gain":>7}'
         f' {"model SSIM":>11} {baseline_name + " SSIM":>14}')
-  warn = lambda message: print(f'w2x_jax.evaluate: {message}', file=sys.stderr)
   failed = False
   for folder in args.dataset:
     try:
       pairs = load_dataset(folder, scale, args.noise_level, warn)
       summary, images, rows = evaluate_dataset(predict, pairs, scale)
     except (data.DataError, image_io.ImageError, OSError, ValueError) as e:
-      print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
+      error(e)
       failed = True  # the other datasets are still measured and written
       continue
     name = base = os.path.basename(os.path.abspath(folder))  # '.' named as the folder it is
@@ -256,7 +258,7 @@ def main(argv=None):
       try:
         image_io.write_image(path, side_by_side(rows, scale))
       except (image_io.ImageError, OSError) as e:
-        print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
+        error(e)
         failed = True
         continue
       print(f'{"":<12} side by side (input, {baseline_name}, model, truth): {path}')
@@ -265,7 +267,7 @@ def main(argv=None):
     try:
       image_io.atomic_write(args.json, lambda f: f.write(text))  # never a partial file
     except image_io.ImageError as e:
-      print(f'w2x_jax.evaluate: error: {e}', file=sys.stderr)
+      error(e)
       return 1
   return 1 if failed else 0
 

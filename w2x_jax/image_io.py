@@ -62,10 +62,15 @@ class ImageInfo:
     return self.channels in (2, 4)
 
 
+def first_line(e):
+  """An exception's message in one line (its type's name where it has none)."""
+  return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _reason(e):
   if isinstance(e, OSError) and e.strerror:
     return e.strerror
-  return str(e).splitlines()[0] if str(e) else type(e).__name__
+  return first_line(e)
 
 
 def output_format(path, format=None):
@@ -258,14 +263,18 @@ def _check_regular_file(path):
         'a folder' if stat.S_ISDIR(mode) else 'not a regular file (a pipe or a device)'))
 
 
-def _read_errors(path, e):
-  """The ImageError for an exception raised while opening or decoding `path`, or None."""
-  if isinstance(e, Image.UnidentifiedImageError):
-    return ImageError(f'{path}: cannot read: not an image file Pillow knows')
-  if isinstance(e, (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
-                    Image.DecompressionBombError, MemoryError)):
-    return ImageError(f'{path}: cannot read: {_reason(e)}')
-  return None
+@contextlib.contextmanager
+def _reading(path):
+  """Errors raised while opening or decoding `path` as one-line ImageErrors naming it."""
+  try:
+    yield
+  except ImageError:
+    raise
+  except Image.UnidentifiedImageError as e:
+    raise ImageError(f'{path}: cannot read: not an image file Pillow knows') from e
+  except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+          Image.DecompressionBombError, MemoryError) as e:
+    raise ImageError(f'{path}: cannot read: {_reason(e)}') from e
 
 
 @contextlib.contextmanager
@@ -295,7 +304,7 @@ def peek(path):
   """(width, height, channels, bit depth) from the file's header, nothing decoded: the most
   channels (1-4) and bits (8 or 16) that read_image's array and the output will have."""
   path = os.fspath(path)
-  try:
+  with _reading(path):
     _check_regular_file(path)
     with Image.open(path) as im:
       width, height = im.size
@@ -308,31 +317,17 @@ def peek(path):
       deep = im.mode in _MODES_16 or im.mode == 'F' or (
           im.format == 'PNG' and _png_ihdr(path)[0] == 16)
       return width, height, channels, 16 if deep else 8
-  except ImageError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except (the same reasons as read_image's)
-    error = _read_errors(path, e)
-    if error is None:
-      raise
-    raise error from e
 
 
 def read_image(path):
   """(float32 HxWxC in [0, 1], ImageInfo); ImageError with a one-line reason if unreadable."""
   path = os.fspath(path)
-  try:
+  with _reading(path):
     _check_regular_file(path)
     with Image.open(path) as im:
       frames, dpi = getattr(im, 'n_frames', 1), _dpi(im.info.get('dpi'))
       image, info = _read(path, im)
       return image, dataclasses.replace(info, frames=frames, dpi=dpi)
-  except ImageError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except (decoders raise many kinds)
-    error = _read_errors(path, e)
-    if error is None:
-      raise
-    raise error from e
 
 
 # Writing.

@@ -60,6 +60,8 @@ def check_config(config):
               'train.checkpoint_every': tc.checkpoint_every,
               'train.keep_checkpoints': tc.keep_checkpoints, 'data.patch_size': dc.patch_size,
               'train.learning_rate': tc.learning_rate, 'data.val_count': dc.val_count}
+  if tc.schedule == 'step':
+    positive.update({'train.decay_every': tc.decay_every, 'train.decay_rate': tc.decay_rate})
   for name, value in positive.items():
     if not value > 0:
       raise ConfigError(f'config.{name}={value!r}: must be > 0')
@@ -77,11 +79,6 @@ def check_config(config):
     raise ConfigError(f'config.train.learning_rate={tc.learning_rate!r}: must be finite')
   nonnegative = {'train.warmup_steps': tc.warmup_steps, 'train.grad_clip': tc.grad_clip,
                  'train.weight_decay': tc.weight_decay, 'seed': config.seed}
-  if tc.schedule == 'step':
-    positive = {'train.decay_every': tc.decay_every, 'train.decay_rate': tc.decay_rate}
-    for name, value in positive.items():
-      if not value > 0:
-        raise ConfigError(f'config.{name}={value!r}: must be > 0')
   for name, value in nonnegative.items():
     if not value >= 0:
       raise ConfigError(f'config.{name}={value!r}: must be >= 0')
@@ -429,7 +426,8 @@ def train_and_evaluate(config, workdir, devices=None):
     if distributed.broadcast_from_0(refused is not None):
       raise refused or checkpoint.CheckpointError(
           f'{workdir}: process 0 refused the run (see its log)')
-    os.makedirs(workdir, exist_ok=True)  # the other processes' own, where not shared
+    if jax.process_index() != 0:  # the other processes' own, where not shared
+      os.makedirs(workdir, exist_ok=True)
     return _train(config, workdir, devices)
   finally:
     if lock is not None:

@@ -211,6 +211,10 @@ class Runner:
             '(--tile-size trades it for memory)')
     return self._upscalers[key]
 
+  def scales(self, keys):
+    """The scale of each pass's model."""
+    return [self.upscaler(key).scale for key in keys]
+
   def passes(self, height, width):
     """([model key per pass], (height, width) to resize to at the end, or None)."""
     args = self.args
@@ -307,11 +311,8 @@ def upscale_loaded(image, info, fmt, runner, args, name, pass_progress=None):
     raise JobError(f'{name}: has alpha, which JPEG cannot store; use -f png or webp, or '
                    '--background COLOR to composite it')
   keys, target = runner.passes(image.shape[0], image.shape[1])
-  height, width = image.shape[:2]
-  for key in keys:
-    scale = runner.upscaler(key).scale
-    height, width = height * scale, width * scale
-  height, width = target or (height, width)
+  total = math.prod(runner.scales(keys))
+  height, width = target or (image.shape[0] * total, image.shape[1] * total)
   if max(height, width) > image_io.MAX_SIDES[fmt]:  # before the passes, not after their work
     raise JobError(f'{name}: the output would be {width}x{height}, over the '
                    f'{image_io.MAX_SIDES[fmt]} pixels per side that {fmt} can store; choose '
@@ -410,8 +411,7 @@ def _check_memory(src, runner):
   decided by this instead."""
   width, height, channels, bits = image_io.peek(src)
   keys, target = runner.passes(height, width)
-  need = memory_needed(height, width, channels, bits,
-                       [runner.upscaler(k).scale for k in keys], target)
+  need = memory_needed(height, width, channels, bits, runner.scales(keys), target)
   free = available_memory()
   if free is not None and need > free:
     raise JobError(f'{src}: {width}x{height} needs about {format_bytes(need)} of memory, '
@@ -561,8 +561,9 @@ def _terminate(signum, frame):  # pylint: disable=unused-argument
   raise Terminated()
 
 
-def _first_line(e):
-  return str(e).splitlines()[0] if str(e) else type(e).__name__
+def _flagged(column):
+  """'0, 2': the processes whose row of a gathered column is set."""
+  return ', '.join(str(i) for i, flag in enumerate(column) if flag)
 
 
 def _lost_peer(code, exit_hard):
@@ -644,12 +645,12 @@ def main(argv=None, load_model_fn=None, exit_hard=False):
       views = distributed.allgather([len(all_jobs), len(listing_errors),
                                      zlib.crc32(listing) & 0x7fffffff, bool(refusal)])
     except Exception as e:  # pylint: disable=broad-except (a process that died or stopped early)
-      err(f'{PROG}: the other processes did not answer ({_first_line(e)}); nothing was done')
+      err(f'{PROG}: the other processes did not answer ({image_io.first_line(e)}); nothing was done')
       return _lost_peer(1, exit_hard)
     if views[:, 3].any():
       if not refusal:
-        err(f'{PROG}: stopped: process(es) ' + ', '.join(
-            str(i) for i in range(size) if views[i, 3]) + ' refused the run (see their lines)')
+        err(f'{PROG}: stopped: process(es) {_flagged(views[:, 3])} refused the run (see their '
+            'lines)')
       return 2
     if (views != views[0]).any():  # each would skip or repeat others' files
       err(f'{PROG}: the processes see different inputs in {args.input} (' + ', '.join(
@@ -718,19 +719,17 @@ def main(argv=None, load_model_fn=None, exit_hard=False):
   except KeyboardInterrupt:  # a second Ctrl+C while the others finish
     return 130
   except Exception as e:  # pylint: disable=broad-except (a process that died: one line, no traceback)
-    err(f'{PROG}: the other processes did not answer ({_first_line(e)}); this one: '
+    err(f'{PROG}: the other processes did not answer ({image_io.first_line(e)}); this one: '
         f'{counts["done"]} done, {counts["skipped"]} skipped, {counts["failed"]} failed')
     return _lost_peer(1, exit_hard)
   done, skipped, failed, fatal_anywhere, interrupted_anywhere = totals.sum(axis=0).tolist()
   if fatal_anywhere:
     if rank == 0 and not fatal:
-      err(f'{PROG}: stopped by a model error on process(es) '
-          + ', '.join(str(i) for i in range(size) if totals[i, 3]))
+      err(f'{PROG}: stopped by a model error on process(es) {_flagged(totals[:, 3])}')
     return 1
   if rank == 0:
     if interrupted_anywhere and not interrupted:
-      err(f'{PROG}: interrupted on process(es) '
-          + ', '.join(str(i) for i in range(size) if totals[i, 4]))
+      err(f'{PROG}: interrupted on process(es) {_flagged(totals[:, 4])}')
     print(f'{done} done, {skipped} skipped, {failed} failed')
   if interrupted_anywhere:
     return interrupted or 1

@@ -437,8 +437,7 @@ class Server:
       raise
     except Exception as e:  # pylint: disable=broad-except (decoders raise many kinds)
       # (not called damaged: an EPS without Ghostscript, say, is whole)
-      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise RequestError(422, f'{job.name}: cannot read the image: {reason}') from e
+      raise RequestError(422, f'{job.name}: cannot read the image: {image_io.first_line(e)}') from e
     job.input_size = (width, height)
 
   def status(self, job):
