@@ -207,9 +207,10 @@ def test_model_choice_for_noise_and_scale(tmp_path, capsys, loaded):
   assert run('-m', 'noise1') == (3, 5) and asked == ['noise1']
   assert run('-m', 'scale2x_noise3', '-s', '4') == (12, 20) and asked == ['scale2x_noise3']
   assert run('-m', 'scale2x_noise3', '-s', '3') == (9, 15) and asked == ['scale2x_noise3']
-  code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'c.png', '-m', 'noise1',
-                      '-s', '2', '--quiet', load_model_fn=fake_load)
-  assert code == 1 and 'cannot upscale' in err
+  # A scale-1 model: one pass, Lanczos does any -s (as it does --width).
+  assert run('-m', 'noise1', '-s', '2') == (6, 10) and asked == ['noise1']
+  assert run('-m', 'noise1', '-s', '1.5') == (4, 8) and asked == ['noise1']
+  assert run('-m', 'noise1', '-s', '1') == (3, 5) and asked == ['noise1']
 
 
 def test_missing_shipped_model_is_one_clear_line(tmp_path, capsys, monkeypatch):

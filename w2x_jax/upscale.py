@@ -10,7 +10,8 @@ use `scale2x_noiseN` for the first pass and `scale2x_noisenone` for the others (
 once), and -s 1 uses `noiseN`; a factor the passes do not reach exactly (1.5, 3) takes the passes
 past it and a Lanczos downscale. `-m` takes a shipped model's name or a checkpoint folder (an
 exported model or a training workdir); that one model then does every pass (for -s as above;
-without -s it runs once; a scale-1 model takes only -s 1), and -n is ignored.
+without -s it runs once; a scale-1 model runs once and Lanczos does any resize), and -n is
+ignored.
 
 Every output is written to a temporary file beside it and renamed, so no partial file is ever
 left. Files that cannot be read or written are reported and the others go on; the run ends with
@@ -221,7 +222,7 @@ class Runner:
     target = target_size(height, width, args)
     if args.model:
       scale = self.upscaler(args.model).scale
-      if target is None and scale > 1:
+      if target is None:
         target = _scale_target(height, width, args.scale, scale)
       if target is None:
         count = 1 if args.scale is None else _passes_for(args.scale, scale, args.model)
@@ -242,6 +243,8 @@ class Runner:
 
 def _is_power(value, base):
   """Whether `value` is base ** n for an integer n >= 0."""
+  if base == 1:
+    return value == 1
   return value >= 1 and base ** round(math.log(value, base)) == value
 
 
@@ -255,8 +258,6 @@ def _scale_target(height, width, scale, model_scale):
 
 def _passes_for(wanted, model_scale, name):
   if model_scale == 1:
-    if wanted != 1:
-      raise ModelError(f'{name}: a scale-1 model cannot upscale; use -s 1')
     return 1
   count = round(math.log(wanted, model_scale)) if wanted > 1 else 0
   if count < 1 or model_scale ** count != wanted:
@@ -499,7 +500,8 @@ def parse_args(argv=None):
   p.add_argument('-s', '--scale', type=_scale, default=None,
                  help='upscaling: repeated 2x passes, denoising only in the first; a factor the '
                  'passes do not reach exactly (1.5, 3) takes one pass more and a Lanczos downscale '
-                 f'(default {DEFAULT_SCALE}; with -m: one pass of the model; at most {MAX_SCALE})')
+                 f'(default {DEFAULT_SCALE}; with -m: passes of that model, one for a scale-1 model, '
+                 f'-m noiseN, and Lanczos the whole resize; at most {MAX_SCALE})')
   p.add_argument('--width', type=_positive, help='output width: 2x passes, then a Lanczos '
                  'downscale to it (with --height alone, the aspect ratio is kept; with a scale-1 '
                  'model, -m noiseN, one pass and Lanczos does the whole resize)')
