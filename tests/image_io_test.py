@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin
 
 from w2x_jax import data
 from w2x_jax import image_io
@@ -339,3 +339,68 @@ def test_print_resolution_kept(tmp_path):
       assert tuple(round(float(v)) for v in im.info['dpi']) == (300, 300), name
   image_io.write_image(tmp_path / 'none.png', image)
   assert image_io.read_image(tmp_path / 'none.png')[1].dpi is None
+  # A turned image's resolution turns with it; a TIFF without resolution tags has none (Pillow
+  # says 1 dpi for it, which had gone into the output: a 128-inch-wide print).
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / 'turned.jpg', dpi=(300, 150),
+                                                       exif=exif)
+  assert image_io.read_image(tmp_path / 'turned.jpg')[1].dpi == (150.0, 300.0)
+  Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / 'plain.tif')
+  assert image_io.read_image(tmp_path / 'plain.tif')[1].dpi is None
+  Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / 'dpi.tif', dpi=(200, 100))
+  assert image_io.read_image(tmp_path / 'dpi.tif')[1].dpi == (200.0, 100.0)
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB', 'RGBA', 'I;16', 'F', 'CMYK'])
+def test_uncompressed_tiff_turned_a_quarter(tmp_path, mode):
+  """Given a path, Pillow memory-mapped uncompressed L/RGBA/16-bit/CMYK TIFFs at their turned
+  size: EXIF orientation 5-8 scrambled them (written as if done)."""
+  mark = np.zeros((30, 50), np.uint8)
+  mark[:5, :10] = 255
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  im = Image.fromarray(mark.astype(np.uint16) * 257) if mode == 'I;16' else (
+      Image.fromarray(mark).convert(mode))
+  im.save(tmp_path / 'turned.tif', exif=exif)
+  image, _ = image_io.read_image(tmp_path / 'turned.tif')
+  grey = image[..., :3].mean(-1)
+  grey = (grey - grey.min()) / (grey.max() - grey.min())
+  np.testing.assert_allclose(grey, np.rot90(mark, -1) / 255, atol=0.02)
+  assert image_io.peek(tmp_path / 'turned.tif')[:2] == (30, 50)  # width, height: as read
+  (loaded,) = data.load_images(tmp_path, min_size=8)  # training reads it whole too
+  assert loaded.shape[:2] in ((30, 50), (50, 30))
+  assert (loaded[..., 0] > 128).sum() == 50
+
+
+def test_tiff_layouts_pillow_misreads_or_refuses(tmp_path):
+  tifffile = pytest.importorskip('tifffile')
+  yy, xx = np.mgrid[:12, :16]
+  planes = np.stack([xx * 4000, yy * 5000, xx * 2000]).astype(np.uint16)
+  for order in '<>':  # 16-bit, separate colour planes, uncompressed: had read as garbage
+    tifffile.imwrite(tmp_path / 'planar.tif', planes, photometric='rgb', planarconfig='separate',
+                     byteorder=order)
+    image, _ = image_io.read_image(tmp_path / 'planar.tif')
+    np.testing.assert_allclose(image, np.moveaxis(planes, 0, -1) / 65535, atol=1 / 255)
+  tifffile.imwrite(tmp_path / 'rgbf.tif', np.zeros((4, 5, 3), np.float32), photometric='rgb')
+  with pytest.raises(image_io.ImageError, match='rgbf.tif: cannot read: a TIFF of a layout '
+                     r'Pillow does not read \(unknown pixel mode; float TIFFs only with one '
+                     r'channel\): save it as 8- or 16-bit RGB'):
+    image_io.read_image(tmp_path / 'rgbf.tif')
+
+
+@pytest.mark.parametrize('bits', [8, 16])
+def test_png_gamma_and_text_carried_into_png(tmp_path, bits):
+  info = PngImagePlugin.PngInfo()
+  info.add_text('parameters', 'steps: 20')
+  info.add_itxt('Comment', 'ünïcode', zip=True)
+  info.add(b'gAMA', struct.pack('>I', 100000))  # linear data
+  Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / 'in.png', pnginfo=info)
+  image, read = image_io.read_image(tmp_path / 'in.png')
+  image_io.write_image(tmp_path / 'out.png', image if bits == 8 else image_io.to_uint(image, 16),
+                       read)
+  with Image.open(tmp_path / 'out.png') as im:
+    im.load()
+    assert (im.info['gamma'], im.info['parameters'], im.info['Comment']) == (
+        1.0, 'steps: 20', 'ünïcode')
+  image_io.write_image(tmp_path / 'out.webp', image, read)  # (WebP and JPEG have no such chunks)

@@ -261,8 +261,16 @@ def test_jpeg_alpha_refused_or_composited_and_bad_args(tmp_path, capsys, model_d
   frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (0, 128, 255)]
   frames[0].save(tmp_path / 'anim.gif', save_all=True, append_images=frames[1:])
   code, out, err = _run(capsys, '-i', tmp_path / 'anim.gif', '-o', tmp_path / 'anim.png', '-m',
-                        model_dirs['2x'], *FAST)
+                        model_dirs['2x'], '--quiet', *FAST)  # (said even so: frames are lost)
   assert code == 0 and 'anim.gif: 3 frames (an animation or pages); only the first is upscaled' in err
+  # Alpha that is opaque everywhere (screenshots saved as RGBA) is dropped for JPEG, not refused.
+  rgba[..., 3] = 255
+  Image.fromarray(rgba).save(tmp_path / 'opaque.png')
+  code, out, _ = _run(capsys, '-i', tmp_path / 'opaque.png', '-o', tmp_path / 'opaque.jpg', '-m',
+                      model_dirs['2x'], '--quiet', *FAST)
+  assert (code, out.strip()) == (0, '1 done, 0 skipped, 0 failed')
+  with Image.open(tmp_path / 'opaque.jpg') as im:
+    assert (im.mode, im.size) == ('RGB', (8, 8))
 
 
 def test_shipped_default_model_needs_no_argument(tmp_path, capsys):

@@ -129,7 +129,7 @@ def _to_rgb_uint8(image):
 def _read_image(path):
   """(array, None) or (None, reason)."""
   try:
-    with Image.open(path) as image:
+    with image_io.open_image(path) as image:
       image.load()
       return _to_rgb_uint8(image), None
   except Exception as error:  # pylint: disable=broad-except; any undecodable file is skipped

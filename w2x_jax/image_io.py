@@ -11,7 +11,8 @@
   and once for the low byte of each sample (`_read_png16`), and written by a small PNG encoder here
   (`_write_png16`), since Pillow has no 16-bit colour modes. Other 16-bit colour files (TIFF) are
   read at 8 bits, as Pillow gives them;
-- the ICC profile is carried into the output;
+- the ICC profile is carried into the output, the print resolution into PNG and JPEG, a PNG's
+  gamma and text chunks into PNG (`CARRIED_PNG_CHUNKS`);
 - only the first frame of animations is read.
 `write_image` writes PNG, WebP or JPEG atomically: a temporary file in the same folder, renamed
 over the target only when complete. JPEG cannot store alpha: such images are refused (see
@@ -28,7 +29,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image, ImageCms, ImageColor, ImageOps
+from PIL import Image, ImageCms, ImageColor, ImageOps, PngImagePlugin, TiffImagePlugin
 
 FORMATS = {'png': 'PNG', 'webp': 'WEBP', 'jpeg': 'JPEG'}
 SUFFIXES = {'png': '.png', 'webp': '.webp', 'jpeg': '.jpg'}
@@ -40,6 +41,10 @@ PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 _PNG16_COLOUR_TYPES = {2: 'RGB;16', 4: 'LA;16', 6: 'RGBA;16'}  # 16-bit ones Pillow reads as 8-bit
 _MODES_16 = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
 _CHANNEL_MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}
+_TIFF_BITS_PER_SAMPLE, _TIFF_X_RESOLUTION, _TIFF_PLANAR_CONFIGURATION = 258, 282, 284
+# A PNG's chunks that still hold for the upscaled pixels: the colour encoding (gamma, primaries,
+# sRGB intent) and the text (titles, comments, a generator's parameters); carried into PNG output.
+CARRIED_PNG_CHUNKS = (b'gAMA', b'cHRM', b'sRGB', b'tEXt', b'zTXt', b'iTXt')
 
 
 class ImageError(Exception):
@@ -56,6 +61,7 @@ class ImageInfo:
   format: str | None = None  # Pillow's name of the source format ('PNG', 'JPEG', ...)
   frames: int = 1  # an animation's or a multi-page file's frames (the first is the image read)
   dpi: tuple | None = None  # (x, y) print resolution, kept on PNG and JPEG output
+  png_chunks: tuple = ()  # ((type, data), ...) of CARRIED_PNG_CHUNKS, kept on PNG output
 
   @property
   def has_alpha(self):
@@ -103,10 +109,32 @@ def _png_ihdr(path):
   return head[24], head[25]
 
 
+@contextlib.contextmanager
+def open_image(path):
+  """Pillow's image of `path`, opened through a file object: given a path, Pillow memory-maps
+  some uncompressed files (L, RGBA, 16-bit, CMYK TIFFs...) at the size it reports, which for a
+  TIFF turned a quarter (EXIF orientation 5-8) is the turned one, and scrambled them."""
+  with open(path, 'rb') as f, Image.open(f) as im:
+    _fix_planar_tiff16(im)
+    yield im
+
+
+def _fix_planar_tiff16(im):
+  """Pillow reads an uncompressed 16-bit TIFF with separate colour planes with 8-bit unpackers
+  ('R', 'G', 'B': two pixels of garbage per sample); these take each sample's high byte, as
+  Pillow does for interleaved 16-bit RGB."""
+  if (im.format != 'TIFF' or im.tag_v2.get(_TIFF_PLANAR_CONFIGURATION) != 2
+      or set(im.tag_v2.get(_TIFF_BITS_PER_SAMPLE, ())) != {16}):
+    return
+  order = ';16L' if im.tag_v2._endian == '<' else ';16B'  # pylint: disable=protected-access
+  im.tile = [t._replace(args=(t.args[0] + order,) + tuple(t.args[1:]))
+             if t.codec_name == 'raw' and len(t.args[0]) == 1 else t for t in im.tile]
+
+
 def _decode(path, rawmode=None):
   """The first frame, oriented; with `rawmode`, Pillow's PNG decoder unpacks into another layout
   of the same bits per pixel (so its row filters are undone the same way)."""
-  with Image.open(path) as im:
+  with open_image(path) as im:
     if rawmode is not None:
       im.tile = [t._replace(args=rawmode) for t in im.tile]
     im.load()
@@ -212,6 +240,39 @@ def _read(path, im):
   return image, ImageInfo(mode, image.shape[-1], 8, icc, fmt)
 
 
+def _png_chunks(path, kinds=CARRIED_PNG_CHUNKS):
+  """((type, data), ...) of a PNG's chunks of `kinds`, in order, read by seeking past the others
+  (the image data); a damaged chunk list ends the search (Pillow reports what is broken)."""
+  found = []
+  with open(path, 'rb') as f:
+    f.seek(len(PNG_SIGNATURE))
+    while True:
+      head = f.read(8)
+      if len(head) < 8:
+        break
+      length, kind = struct.unpack('>I', head[:4])[0], head[4:]
+      if kind == b'IEND' or length > 2 ** 31 - 1:
+        break
+      if kind in kinds:
+        data = f.read(length)
+        if len(data) < length:
+          break
+        found.append((kind, data))
+        f.seek(4, os.SEEK_CUR)  # the CRC
+      else:
+        f.seek(length + 4, os.SEEK_CUR)
+  return tuple(found)
+
+
+def _dpi_of(im, orientation):
+  """The (x, y) print resolution of an opened image in its upright orientation, or None: a TIFF
+  without resolution tags has none (Pillow reports 1 dpi for it)."""
+  if im.format == 'TIFF' and _TIFF_X_RESOLUTION not in im.tag_v2:
+    return None
+  dpi = _dpi(im.info.get('dpi'))
+  return dpi[::-1] if dpi and orientation in (5, 6, 7, 8) else dpi
+
+
 def _dpi(value):
   """(x, y) dots per inch, rounded to 0.01 (PNG stores dots per metre), or None if unset or bad."""
   try:
@@ -263,6 +324,20 @@ def _check_regular_file(path):
         'a folder' if stat.S_ISDIR(mode) else 'not a regular file (a pipe or a device)'))
 
 
+def _unknown_file_reason(path):
+  """Why Pillow knows no format for `path`: a TIFF's own reason (Pillow reads RGB as 8 or 16
+  bits, float only as one channel), else not an image."""
+  with open(path, 'rb') as f:
+    if f.read(4) not in (b'II*\0', b'MM\0*'):
+      return 'not an image file Pillow knows'
+  try:
+    TiffImagePlugin.TiffImageFile(path).close()
+  except Exception as e:  # pylint: disable=broad-except; its reason is the message
+    return (f'a TIFF of a layout Pillow does not read ({_reason(e)}; float TIFFs only with one '
+            'channel): save it as 8- or 16-bit RGB')
+  return 'not an image file Pillow knows'
+
+
 @contextlib.contextmanager
 def _reading(path):
   """Errors raised while opening or decoding `path` as one-line ImageErrors naming it."""
@@ -271,7 +346,7 @@ def _reading(path):
   except ImageError:
     raise
   except Image.UnidentifiedImageError as e:
-    raise ImageError(f'{path}: cannot read: not an image file Pillow knows') from e
+    raise ImageError(f'{path}: cannot read: {_unknown_file_reason(path)}') from e
   except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
           Image.DecompressionBombError, MemoryError) as e:
     raise ImageError(f'{path}: cannot read: {_reason(e)}') from e
@@ -306,9 +381,10 @@ def peek(path):
   path = os.fspath(path)
   with _reading(path):
     _check_regular_file(path)
-    with Image.open(path) as im:
+    with open_image(path) as im:
       width, height = im.size
-      if _orientation_from_header(im) in (5, 6, 7, 8):  # turned a quarter by read_image
+      # turned a quarter by read_image (Pillow's TIFF reports the turned size itself)
+      if im.format != 'TIFF' and _orientation_from_header(im) in (5, 6, 7, 8):
         width, height = height, width
       if im.mode in ('P', 'PA'):
         channels = 4 if _has_transparency(im) else 3
@@ -324,10 +400,11 @@ def read_image(path):
   path = os.fspath(path)
   with _reading(path):
     _check_regular_file(path)
-    with Image.open(path) as im:
-      frames, dpi = getattr(im, 'n_frames', 1), _dpi(im.info.get('dpi'))
+    with open_image(path) as im:
+      frames, dpi = getattr(im, 'n_frames', 1), _dpi_of(im, _orientation_from_header(im))
+      chunks = _png_chunks(path) if im.format == 'PNG' else ()
       image, info = _read(path, im)
-      return image, dataclasses.replace(info, frames=frames, dpi=dpi)
+      return image, dataclasses.replace(info, frames=frames, dpi=dpi, png_chunks=chunks)
 
 
 # Writing.
@@ -350,8 +427,9 @@ def _chunk(f, kind, data):
           + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
 
 
-def _write_png16(f, data, icc=None, rows=64, dpi=None):
-  """A 16-bit PNG of uint16 HxWxC (C = 1..4), compressed in strips of `rows` (bounded memory)."""
+def _write_png16(f, data, icc=None, rows=64, dpi=None, chunks=()):
+  """A 16-bit PNG of uint16 HxWxC (C = 1..4), compressed in strips of `rows` (bounded memory);
+  `chunks`: more (type, data) to write before the image data."""
   h, w, c = data.shape
   colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
   f.write(PNG_SIGNATURE)
@@ -360,6 +438,8 @@ def _write_png16(f, data, icc=None, rows=64, dpi=None):
     _chunk(f, b'iCCP', b'icc\x00\x00' + zlib.compress(icc))
   if dpi:  # pixels per metre, unit 1 (metre)
     _chunk(f, b'pHYs', struct.pack('>IIB', *(round(d / 0.0254) for d in dpi), 1))
+  for kind, chunk_data in chunks:
+    _chunk(f, kind, chunk_data)
   bpp = 2 * c
   z = zlib.compressobj(6)
   pending = []
@@ -421,7 +501,8 @@ def write_image(path, image, info=None, format=None, quality=None):
   """Writes HxWxC (float in [0, 1], uint8 or uint16) as PNG, WebP or JPEG (`format`, else from
   the suffix), atomically. 16 bits when the array is uint16 (or float with info.bit_depth 16) and
   the format is PNG; the ICC profile of `info` is embedded where it describes the written colour
-  space (RGB or gray), and its print resolution (dpi) in PNG and JPEG. Raises ImageError."""
+  space (RGB or gray), its print resolution (dpi) in PNG and JPEG, its PNG chunks (gamma, text) in
+  PNG. Raises ImageError."""
   path = os.fspath(path)
   fmt = output_format(path, format)
   image = np.asarray(image)
@@ -438,16 +519,23 @@ def write_image(path, image, info=None, format=None, quality=None):
   written_space = 'GRAY' if c in (1, 2) and fmt != 'webp' else 'RGB '
   icc = _icc_for(info.icc_profile if info is not None else None, written_space)
   dpi = info.dpi if info is not None else None
+  chunks = info.png_chunks if info is not None and fmt == 'png' else ()
+  if icc:  # the profile describes the colours: an sRGB chunk beside it would contradict it
+    chunks = tuple(chunk for chunk in chunks if chunk[0] != b'sRGB')
   quality = DEFAULT_QUALITY if quality is None else int(quality)
 
   def save(f):
     if bits16 and c > 1:
-      _write_png16(f, data, icc, dpi=dpi)
+      _write_png16(f, data, icc, dpi=dpi, chunks=chunks)
       return
     im = Image.fromarray(data[..., 0] if c == 1 else data)  # uint16 2-D is 'I;16'
     kwargs = {'icc_profile': icc} if icc else {}
     if dpi and fmt in ('png', 'jpeg'):  # (Pillow writes no resolution into WebP)
       kwargs['dpi'] = dpi
+    if chunks:
+      kwargs['pnginfo'] = PngImagePlugin.PngInfo()
+      for kind, chunk_data in chunks:
+        kwargs['pnginfo'].add(kind, chunk_data)
     if fmt == 'jpeg':
       # Above 90, 4:4:4 chroma: subsampling would blur the detail the upscaling made.
       kwargs.update(quality=quality, subsampling=0 if quality >= 90 else 2)

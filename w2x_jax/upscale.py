@@ -308,6 +308,8 @@ def upscale_loaded(image, info, fmt, runner, args, name, pass_progress=None):
   JobError naming `name`, or ModelError."""
   if info.has_alpha and args.background is not None:
     image = image_io.composite(image, args.background)
+  elif info.has_alpha and fmt == 'jpeg' and image[..., -1].min() >= 1.0:
+    image = image_io.composite(image, (1.0, 1.0, 1.0))  # opaque everywhere: alpha just dropped
   elif info.has_alpha and fmt == 'jpeg':
     raise JobError(f'{name}: has alpha, which JPEG cannot store; use -f png or webp, or '
                    '--background COLOR to composite it')
@@ -439,7 +441,7 @@ def process(src, dst, fmt, runner, args, written=None):
   with image_io.pixel_limit(None):
     _check_memory(src, runner)
     image, info = image_io.read_image(src)
-  if info.frames > 1 and not args.quiet:
+  if info.frames > 1:  # even with --quiet: the other frames are not in the output
     _say(f'{src}: {info.frames} frames (an animation or pages); only the first is upscaled')
   image = upscale_loaded(image, info, fmt, runner, args, src,
                          lambda i, n: _TileBar(args.quiet, f'pass {i + 1}/{n}'))
