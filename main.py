@@ -44,10 +44,25 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING and 'did not provide metrics' not in record.getMessage()
 
 
+def _config_arg(argv):
+  """The --config value as given (--config=PATH or --config PATH)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
 def parse_flags(argv):
   """absl's parsing, with a config override error (unknown field, bad value) as one clear line."""
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+    FLAGS.config.keys()  # a file that failed to load raises at first use (ml_collections)
+    return rest
+  except OSError as e:  # the config file cannot be loaded (missing, unreadable)
+    lines = [line.strip() for line in str(e.__cause__ or e).splitlines() if line.strip()]
+    sys.exit(f'main.py: error: --config={_config_arg(argv)}: cannot load it: {lines[-1]}')
   except flags.Error as e:
     message = str(e)
     if 'Traceback (most recent call last)' in message:  # a config file's own error: its last line

@@ -55,6 +55,14 @@ def test_bad_config_argument_is_one_clear_line(tmp_path):
       'ValueError: config argument noise=7: must be one of (-1, 0, 1, 2, 3)'), result.stderr
 
 
+def test_missing_config_file_is_one_clear_line(tmp_path):
+  for extra in ([], ['--config.train.num_steps=3']):  # loaded lazily without overrides
+    result = run_main('--config=configs/nope.py', f'--workdir={tmp_path}', *extra)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "main.py: error: --config=configs/nope.py: cannot load it: [Errno 2] No such file or "
+        "directory: 'configs/nope.py'"], result.stderr
+
+
 @pytest.mark.parametrize('args, message', [
     (['--config=configs/test.py', '--config.train.batch_size=many'], 'batch_size'),
     (['--config=configs/test.py:noise=9'], 'noise=9'),
