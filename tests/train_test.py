@@ -268,15 +268,25 @@ def test_bad_config_values_name_the_field(tmp_path):
                                 ('model.name', 'srcnn', "config.model.name='srcnn' must be one of"),
                                 ('model.first_filters', 0, 'config.model.first_filters=0 and last_filters'),
                                 ('model.recon_b1', 0, 'config.model.recon_b1=0 must be >= 1'),
-                                ('model.dtype', 'int8', "config.model.dtype='int8' must be a float type")]:
+                                ('model.dtype', 'int8', "config.model.dtype='int8' must be a float type"),
+                                ('model.gamma', -1.0, 'config.model.gamma=-1.0 must be a finite number'),
+                                # The data fields (NaN had made every pair clean).
+                                ('data.nr_rate', float('nan'), r'config.data.nr_rate=nan: must be in \[0, 1\]'),
+                                ('data.nr_rate', 2.0, r'config.data.nr_rate=2.0: must be in \[0, 1\]')]:
     config = tiny_config(tmp_path)
     section, name = field.split('.')
     config[section][name] = value
+    if name in ('gamma', 'nr_rate'):
+      config.model.filter_decay, config.data.noise_level = 'power', 1
     with pytest.raises(train.ConfigError, match=message):
       train.check_config(config)
   config = tiny_config(tmp_path)
   config.model.scale, config.data.noise_level = 1, -1
   with pytest.raises(train.ConfigError, match='nothing to learn'):
+    train.check_config(config)
+  config = tiny_config(tmp_path)
+  config.data.filter_weights.box = float('inf')
+  with pytest.raises(train.ConfigError, match='config.data.filter_weights.box=inf: must be a finite'):
     train.check_config(config)
   config = tiny_config(tmp_path)
   config.seed = -1

@@ -18,6 +18,7 @@ import concurrent.futures
 import importlib.util
 import io
 import itertools
+import math
 import multiprocessing
 import multiprocessing.connection
 from multiprocessing import shared_memory
@@ -82,9 +83,17 @@ def noise_nr_rate(noise_level, nr_rate):
     return 0.0
   if nr_rate < 0:
     return 1.0 if noise_level == 3 else 0.65
-  if nr_rate > 1:
-    raise DataError(f'nr_rate {nr_rate}: must be in [0, 1], or -1 for the level default')
+  if not nr_rate <= 1:  # (NaN too: it had made every draw clean)
+    raise DataError(f'nr_rate={nr_rate!r}: must be in [0, 1], or -1 for the level default')
   return float(nr_rate)
+
+
+def check_data_config(data_cfg, scale):
+  """DataError naming the field (nr_rate=..., filter_weights.NAME=...) where the pairs cannot be
+  made as `data_cfg` asks."""
+  noise_nr_rate(data_cfg.noise_level, data_cfg.nr_rate)
+  if scale > 1:
+    _filter_table(data_cfg.filter_weights)
 
 
 def _filter_table(filter_weights):
@@ -93,14 +102,14 @@ def _filter_table(filter_weights):
   for name, weight in sorted(dict(filter_weights.items()).items()):
     if name not in FILTERS:
       raise DataError(f'filter_weights.{name}: unknown filter, expected some of {sorted(FILTERS)}')
-    if weight < 0:
-      raise DataError(f'filter_weights.{name}={weight}: weights must not be negative')
+    if not 0 <= weight < math.inf:
+      raise DataError(f'filter_weights.{name}={weight!r}: must be a finite weight >= 0')
     if weight > 0:
       total += float(weight)
       names.append(name)
       cumulative.append(total)
   if not names:
-    raise DataError(f'filter_weights {dict(filter_weights.items())}: at least one must be positive')
+    raise DataError(f'filter_weights={dict(filter_weights.items())}: at least one must be positive')
   return names, cumulative
 
 
@@ -516,9 +525,7 @@ class PatchGenerator:
     if small:
       raise DataError(f'{len(small)} training images (first: #{small[0]}) are smaller than one '
                       f'{size}x{size} patch')
-    noise_nr_rate(data_cfg.noise_level, data_cfg.nr_rate)  # validates early, not in a worker
-    if scale > 1:
-      _filter_table(data_cfg.filter_weights)
+    check_data_config(data_cfg, scale)  # early, not in a worker
     per_process = batch_size // process_count
     self._images = list(images)
     self._indices = range(process_index * per_process, (process_index + 1) * per_process)

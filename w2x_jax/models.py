@@ -392,6 +392,8 @@ def feature_filters(model_cfg):
     rate = math.log(first / last) / (layers - 1)
     return [round(first * math.exp(-rate * i)) for i in range(layers)]
   if model_cfg.filter_decay == 'power':
+    if not 0 < model_cfg.gamma < math.inf:
+      raise ValueError(f'models.py: model.gamma={model_cfg.gamma!r} must be a finite number > 0')
     return [int((first - last) * (1 - (i / (layers - 1)) ** (1 / model_cfg.gamma)) + last)
             for i in range(layers)]
   raise ValueError(f'models.py: model.filter_decay={model_cfg.filter_decay!r} must be exp or power')

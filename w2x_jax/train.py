@@ -87,6 +87,10 @@ def check_config(config):
     models.build_model(config.model)
   except (ValueError, TypeError, KeyError, AttributeError) as e:
     raise ConfigError(str(e).replace('models.py: model.', 'config.model.', 1)) from e
+  try:
+    data.check_data_config(dc, config.model.scale)
+  except data.DataError as e:
+    raise ConfigError(f'config.data.{e}') from e
   if dc.val_max_side < VAL_MIN_SIDE:
     raise ConfigError(f'config.data.val_max_side={dc.val_max_side!r}: must be >= {VAL_MIN_SIDE}')
   if tc.batch_size % jax.process_count():
