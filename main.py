@@ -102,7 +102,9 @@ def main(argv):
                jax.local_devices())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
+  except train.Stopped as e:  # logged; 130 or 143 as the shell's, not 0: the run is not done
+    sys.exit(e.exit_code)
+  except (train.ConfigError, train.Diverged, data.DataError, checkpoint.CheckpointError) as e:
     sys.exit(f'main.py: error: {e}')
 
 

@@ -440,3 +440,13 @@ def test_load_images_follows_linked_folders_once(tmp_path):
   assert len(images) == 2
   np.testing.assert_array_equal(images[0], rgb)
   np.testing.assert_array_equal(images[1], rgb[::-1])
+
+
+def test_large_training_images_are_not_refused_as_bombs(tmp_path, monkeypatch):
+  """The user's own images: Pillow's decompression-bomb limit (179 MP) had skipped large ones as
+  unreadable; the limit is off while loading and back after."""
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # stands for 179 MP
+  Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / 'large.png')
+  (loaded,) = data.load_images(tmp_path, min_size=8)
+  assert loaded.shape == (40, 40, 3)
+  assert Image.MAX_IMAGE_PIXELS == 100

@@ -95,3 +95,15 @@ def test_training_log_keeps_orbax_warnings_but_the_unranked_checkpoint():
   assert not keep(record(logging.WARNING, 'Requested `tracked_metric`; did not provide metrics.'))
   assert keep(record(logging.WARNING, 'Something else went wrong'))
   assert keep(record(logging.INFO, 'step 2/8  loss 0.1', path='/work/w2x_jax/train.py'))
+
+
+def test_scripts_elsewhere_import_the_package(tmp_path):
+  """setup.sh puts the repository on the venv's path (a .pth file): a user's script in another
+  folder imports w2x_jax (it had needed PYTHONPATH)."""
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  if not (pathlib.Path(sysconfig.get_paths()['purelib']) / 'w2x_jax_repo.pth').exists():
+    pytest.skip('this interpreter was not set up by setup.sh')
+  result = subprocess.run([sys.executable, '-c', 'import w2x_jax; print(w2x_jax.__file__)'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert pathlib.Path(result.stdout.strip()).name == '__init__.py'

@@ -384,12 +384,12 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
   """SIGTERM to the whole process group (as `timeout` sends it): the workers leave it to the
-  training process, which saves a checkpoint and exits cleanly."""
+  training process, which saves a checkpoint and exits with the shell's code for SIGTERM."""
   folder = make_image_folder(tmp_path / 'images')
   workdir = tmp_path / 'run'
   cmd = _main_cmd(workdir, folder, '--config.train.num_steps=100000', '--config.data.num_workers=1')
   code, out, _ = _run_until_checkpoint(cmd, workdir, 2, signal.SIGTERM, group=True)
-  assert code == 0, out
+  assert code == 128 + signal.SIGTERM, out  # not 0: a scheduler must not take it as finished
   assert 'Stopped by SIGTERM' in out and 'checkpoint saved' in out
   steps = sorted(int(s) for s in os.listdir(workdir / checkpoint.CHECKPOINT_DIR) if s.isdigit())
   assert steps[-1] >= 2
@@ -398,6 +398,48 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
   # The losses up to that step are logged (a row at the stop step, whatever log_every says).
   rows = [json.loads(line) for line in open(workdir / train.METRICS_FILE)]
   assert [r['step'] for r in rows if 'loss' in r][-1] == steps[-1]
+
+
+def test_dead_patch_worker_stops_after_a_checkpoint(tmp_path):
+  """A worker killed (as for memory) stops the run in one line, the steps done since the last
+  periodic checkpoint saved (they had been lost)."""
+  folder = make_image_folder(tmp_path / 'images')
+  workdir = tmp_path / 'run'
+  cmd = _main_cmd(workdir, folder, '--config.train.num_steps=100000', '--config.data.num_workers=1',
+                  '--config.train.checkpoint_every=100000', '--config.train.log_every=1')
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics, deadline = workdir / train.METRICS_FILE, time.time() + 240
+  while proc.poll() is None and time.time() < deadline and (
+      not metrics.exists() or metrics.read_text().count('"loss"') < 3):
+    time.sleep(0.05)
+  for child in _children(proc.pid):  # the worker (and multiprocessing's resource tracker)
+    os.kill(child, signal.SIGKILL)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 1, out
+  assert 'main.py: error: a patch worker process died' in out.strip().splitlines()[-1]
+  assert 'Checkpoint saved before stopping' in out
+  steps = [int(s) for s in os.listdir(workdir / checkpoint.CHECKPOINT_DIR) if s.isdigit()]
+  assert steps and max(steps) >= 3, steps
+
+
+def test_diverged_run_stops_in_one_line_keeping_its_last_good_checkpoint(tmp_path):
+  config = tiny_config(make_image_folder(tmp_path / 'images'), learning_rate=1e9, grad_clip=0.0,
+                       schedule='constant', num_steps=40, log_every=1, checkpoint_every=1,
+                       eval_every=1000)
+  with pytest.raises(train.Diverged, match=r'loss (nan|inf) by step \d+: the run diverged'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  _, params, _ = checkpoint.restore_model(str(tmp_path / 'run'))
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(params)))
+
+
+def test_a_save_cut_short_is_cleared_by_the_next_run(tmp_path):
+  config = tiny_config(make_image_folder(tmp_path / 'images'), num_steps=2, eval_every=2)
+  left = tmp_path / 'run' / checkpoint.CHECKPOINT_DIR / '651.orbax-checkpoint-tmp'
+  left.mkdir(parents=True)
+  (left / 'part').write_bytes(b'x' * 100)
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not left.exists()
 
 
 def test_schedules_by_hand():

@@ -128,6 +128,9 @@ def make_manager(workdir, keep=3, create=True):
       preservation_policy=policy,
       # best_fn also makes Orbax write each step's metrics to disk, so the best survives a restart.
       best_fn=_score, best_mode='max', create=create,
+      # A save cut short (killed, a second Ctrl+C) leaves a STEP.orbax-checkpoint-tmp folder that
+      # nothing else removes; a run (create=True, its workdir locked) clears them as it starts.
+      cleanup_tmp_directories=create,
       # Synchronous: the models are small, and a step is never left half-written at exit.
       enable_async_checkpointing=False)
   return ocp.CheckpointManager(

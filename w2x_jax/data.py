@@ -147,7 +147,9 @@ def _read_image(path):
 
 def _load_files(paths, names, min_size, num_threads):
   """Reads `paths` (in order), warning about and skipping unreadable and too-small ones."""
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+  # The user's own files: no decompression-bomb limit (Pillow's 179 MP had skipped large ones as
+  # unreadable); set around the pool, as it is Pillow's global.
+  with image_io.pixel_limit(None), concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     results = list(pool.map(_read_image, paths))
   images = []
   for name, (image, reason) in zip(names, results):

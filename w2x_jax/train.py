@@ -52,6 +52,20 @@ class ConfigError(ValueError):
   """A config value that cannot work (one line naming the field)."""
 
 
+class Diverged(RuntimeError):
+  """The loss became NaN or infinite: the run stops, its last good checkpoint kept (one line)."""
+
+
+class Stopped(KeyboardInterrupt):
+  """A run stopped by SIGINT/SIGTERM (its own or another process's) after saving a checkpoint.
+  `exit_code` is the shell's 128 + signal, so that a scheduler or a retry loop can tell it from a
+  finished run."""
+
+  def __init__(self, message, signal_name):
+    super().__init__(message)
+    self.exit_code = 128 + getattr(signal.Signals, signal_name, signal.SIGTERM)
+
+
 def check_config(config):
   """Fails early, with the field's name, on values the run cannot use."""
   tc, dc = config.train, config.data
@@ -474,7 +488,14 @@ def _train(config, workdir, devices):
 
   def checkpoint_now(val=None, force=False):
     if manager.latest_step() != int(state.step):  # a stop right after a periodic save: nothing new
+      check_finite(jax.device_get(pending[-1]) if pending else None)
       checkpoint.save_train_state(manager, state, metrics=val, force=force)
+
+  def check_finite(step_metrics):
+    if step_metrics is not None and not math.isfinite(step_metrics['loss']):
+      raise Diverged(f'loss {step_metrics["loss"]} by step {step}: the run diverged; its last '
+                     f'checkpoint (step {manager.latest_step()}) is kept; lower '
+                     'config.train.learning_rate or set config.train.grad_clip, and run again')
 
   def validate_now(step):
     val = validate(state.params)
@@ -497,6 +518,7 @@ def _train(config, workdir, devices):
   def log_losses():
     nonlocal pending, last_time, last_step
     summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+    check_finite(summary)
     now = time.time()
     patches_per_s = (step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
     lr = float(make_schedule(tc)(step))
@@ -510,7 +532,7 @@ def _train(config, workdir, devices):
   stopping = None
   try:
     with _StopRequest() as stop, generator:
-      for step_index, batch in generator:
+      for step_index, batch in _keeping_steps_on_data_error(generator, checkpoint_now):
         if agree is None:
           stopping = stop.signal
         elif agree(stop.signal):  # every process sees this at the same step
@@ -533,8 +555,9 @@ def _train(config, workdir, devices):
           log_losses()
         # This step's validation, if it ran, ranks the stop checkpoint among the best.
         checkpoint_now(last_val if last_val_step == step else None, force=True)
-        logging.warning('Stopped by %s at step %d; checkpoint saved. Run the same command to resume.',
-                        stopping, step)
+        message = f'Stopped by {stopping} at step {step}; checkpoint saved. Run the same command to resume.'
+        logging.warning(message)
+        raise Stopped(message, stopping)
   finally:
     manager.wait_until_finished()
   if step >= tc.num_steps and last_val is not None and jax.process_index() == 0:
@@ -544,6 +567,19 @@ def _train(config, workdir, devices):
                  os.path.join(workdir, checkpoint.CHECKPOINT_DIR), os.path.join(workdir, PLOT_FILE),
                  os.path.join(workdir, SAMPLES_FILE))
   return state
+
+
+def _keeping_steps_on_data_error(generator, checkpoint_now):
+  """The generator's batches; where it fails (a patch worker killed, say, for memory), the steps
+  done so far are saved before the error goes on (a single process: with several, the save is a
+  collective that the others, still training, would not join)."""
+  try:
+    yield from generator
+  except data.DataError:
+    if jax.process_count() == 1:
+      checkpoint_now(force=True)
+      logging.warning('Checkpoint saved before stopping: run the same command to resume.')
+    raise
 
 
 def _format_seconds(seconds):
