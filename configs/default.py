@@ -60,6 +60,9 @@ def get_config(arg=None):
   config.data.val_dir = ''
   config.data.val_count = 4
   config.data.val_max_side = 256  # validation images are centre-cropped to this (speed)
+  # Drawings of flat colour and line art (data.synthetic_flat_images) added to the training images
+  # (not to validation): photographs lack the flat fills of anime-style art. 0: none.
+  config.data.synthetic_images = 0
   config.data.patch_size = 48  # low-resolution patch side; the high-resolution side is scale times it
   config.data.noise_level = args.get('noise', -1)
   config.data.nr_rate = -1.0  # probability that a pair gets JPEG noise; -1: 0.65 for levels 0-2, 1.0 for 3

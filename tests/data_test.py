@@ -450,3 +450,14 @@ def test_large_training_images_are_not_refused_as_bombs(tmp_path, monkeypatch):
   (loaded,) = data.load_images(tmp_path, min_size=8)
   assert loaded.shape == (40, 40, 3)
   assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_synthetic_flat_images_are_flat_art_and_repeatable():
+  first, again = data.synthetic_flat_images(6, seed=3), data.synthetic_flat_images(6, seed=3)
+  assert len(first) == 6 and all(im.shape == (256, 256, 3) and im.dtype == np.uint8 for im in first)
+  assert all(np.array_equal(a, b) for a, b in zip(first, again))
+  assert not np.array_equal(first[0], data.synthetic_flat_images(1, seed=4)[0])
+  pixels = np.concatenate([im.reshape(-1, 3) for im in first])
+  assert ((pixels == 0) | (pixels == 255)).mean() > 0.3  # extreme channels, as in flat fills
+  # Flat: most pixels equal their right-hand neighbour.
+  assert np.mean([(im[:, 1:] == im[:, :-1]).all(-1).mean() for im in first]) > 0.9

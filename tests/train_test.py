@@ -202,8 +202,12 @@ def test_validation_skips_slivers_and_metrics_survive_a_cut_line(tmp_path, caplo
   Image.fromarray(np.zeros((5, 300, 3), np.uint8)).save(val / 'sliver.png')
   config = tiny_config(folder, num_steps=2)
   config.data.val_dir = str(val)
-  _, val_images = train.load_datasets(config)
+  train_images, val_images = train.load_datasets(config)
   assert [im.shape for im in val_images] == [(64, 64, 3)] * 2
+  config.data.synthetic_images = 3  # drawings join the training images, never validation
+  more_train, same_val = train.load_datasets(config)
+  assert len(more_train) == len(train_images) + 3 and len(same_val) == 2
+  assert all(np.array_equal(a, b) for a, b in zip(more_train[:-3], train_images))
   # A metrics file whose last line was cut short (a full disk): skipped, then dropped on resume.
   workdir = tmp_path / 'run'
   workdir.mkdir()

@@ -33,7 +33,7 @@ import weakref
 
 from absl import logging
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from w2x_jax import image_io
 
@@ -216,6 +216,43 @@ def load_default_images(min_size, *, num_threads=4):
                     f'{min_size}x{min_size} pixels')
   logging.info('Using the embedded default training data: %d photographs from %s (%s)', len(images),
                folder, ', '.join(present))
+  return images
+
+
+def synthetic_flat_images(count, seed, size=256):
+  """`count` drawings of flat colour (HxWx3 uint8, `size` a side) as anime-style art has them and
+  photographs lack: fills of saturated and extreme colours (channels often 0 or 255), shapes with
+  hard or anti-aliased edges, some outlined in dark lines. The same for the same seed; trained
+  beside photographs, they keep a model's flat fills flat and their colours where they were."""
+  rng = np.random.default_rng(seed)
+
+  def colour():
+    if rng.random() < 0.6:  # extreme: each channel 0, 255 or a round step between
+      return tuple(int(v) for v in rng.choice([0, 0, 64, 128, 192, 255, 255], 3))
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
+  images = []
+  for _ in range(count):
+    smooth = rng.random() < 0.7  # drawn at 4x and reduced: anti-aliased edges; else hard ones
+    factor = 4 if smooth else 1
+    canvas = Image.new('RGB', (size * factor, size * factor), colour())
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(3, 10))):
+      box = np.sort(rng.integers(-size // 4, size * 5 // 4, (2, 2)) * factor, axis=0)
+      shape = [int(v) for v in box.T.ravel()]  # x0, x1, y0, y1 -> reordered below
+      shape = [shape[0], shape[2], shape[1], shape[3]]
+      outline = (tuple(int(v) for v in rng.integers(0, 60, 3)) if rng.random() < 0.5 else None)
+      width = int(rng.integers(1, 4)) * factor
+      kind = rng.integers(3)
+      if kind == 0:
+        draw.ellipse(shape, fill=colour(), outline=outline, width=width)
+      elif kind == 1:
+        draw.rectangle(shape, fill=colour(), outline=outline, width=width)
+      else:
+        points = [tuple(int(v) for v in p) for p in rng.integers(0, size * factor, (int(rng.integers(3, 7)), 2))]
+        draw.polygon(points, fill=colour(), outline=outline, width=width)
+    if smooth:
+      canvas = canvas.resize((size, size), Image.Resampling.BOX)
+    images.append(np.asarray(canvas, np.uint8))
   return images
 
 

@@ -91,7 +91,8 @@ def check_config(config):
                       'target is the input); a noise level 0-3, or a scale above 1')
   if not math.isfinite(tc.learning_rate):
     raise ConfigError(f'config.train.learning_rate={tc.learning_rate!r}: must be finite')
-  nonnegative = {'train.warmup_steps': tc.warmup_steps, 'train.grad_clip': tc.grad_clip,
+  nonnegative = {'data.synthetic_images': dc.get('synthetic_images', 0),
+                 'train.warmup_steps': tc.warmup_steps, 'train.grad_clip': tc.grad_clip,
                  'train.weight_decay': tc.weight_decay, 'seed': config.seed}
   for name, value in nonnegative.items():
     if not value >= 0:
@@ -356,7 +357,17 @@ def write_plot(rows, path):
 
 
 def load_datasets(config):
-  """(train images, validation images) as uint8 RGB arrays, loaded once."""
+  """(train images, validation images) as uint8 RGB arrays, loaded once; the synthetic drawings
+  (config.data.synthetic_images) join the training images only."""
+  train_images, val_images = _load_real_datasets(config)
+  count = config.data.get('synthetic_images', 0)
+  if count:
+    logging.info('Adding %d synthetic flat-colour drawings to the training images', count)
+    train_images = train_images + data.synthetic_flat_images(count, seed=config.seed)
+  return train_images, val_images
+
+
+def _load_real_datasets(config):
   dc = config.data
   min_size = data.min_image_size(dc.patch_size, config.model.scale)
   if dc.train_dir:
