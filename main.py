@@ -104,6 +104,10 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.Stopped as e:  # logged; 130 or 143 as the shell's, not 0: the run is not done
     sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # a second Ctrl+C, during the stop's checkpoint: no traceback
+    print('main.py: interrupted; running the same command resumes from the last complete '
+          'checkpoint', file=sys.stderr)
+    sys.exit(130)
   except (train.ConfigError, train.Diverged, data.DataError, checkpoint.CheckpointError) as e:
     sys.exit(f'main.py: error: {e}')
 

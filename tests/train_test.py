@@ -404,6 +404,27 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
   assert [r['step'] for r in rows if 'loss' in r][-1] == steps[-1]
 
 
+def test_two_ctrl_c_stop_in_one_line(tmp_path):
+  """A second SIGINT (during the stop's checkpoint, say) ends the run at once: exit 130 and a
+  line, no traceback; the next run resumes."""
+  folder = make_image_folder(tmp_path / 'images')
+  workdir = tmp_path / 'run'
+  cmd = _main_cmd(workdir, folder, '--config.train.num_steps=100000')
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  target, deadline = workdir / checkpoint.CHECKPOINT_DIR / '2', time.time() + 240
+  while not target.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGINT and 'Traceback' not in out, out
+  resumed = subprocess.run(_main_cmd(workdir, folder, '--config.train.num_steps=4'), cwd=ROOT,
+                           env=_env(), capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr
+
+
 def test_dead_patch_worker_stops_after_a_checkpoint(tmp_path):
   """A worker killed (as for memory) stops the run in one line, the steps done since the last
   periodic checkpoint saved (they had been lost)."""
