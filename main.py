@@ -45,13 +45,14 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def _config_arg(argv):
-  """The --config value as given (--config=PATH or --config PATH)."""
+  """The --config value as given (--config=PATH or --config PATH; the last, as absl takes it)."""
+  value = ''
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return ''
+      value = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
 
 
 def parse_flags(argv):
@@ -63,6 +64,9 @@ def parse_flags(argv):
   except OSError as e:  # the config file cannot be loaded (missing, unreadable)
     lines = [line.strip() for line in str(e.__cause__ or e).splitlines() if line.strip()]
     sys.exit(f'main.py: error: --config={_config_arg(argv)}: cannot load it: {lines[-1]}')
+  except (SyntaxError, ImportError) as e:  # the file's own Python, raised as it is imported
+    sys.exit(f'main.py: error: --config={_config_arg(argv)}: cannot load it: '
+             f'{type(e).__name__}: {e}')
   except flags.Error as e:
     message = str(e)
     if 'Traceback (most recent call last)' in message:  # a config file's own error: its last line

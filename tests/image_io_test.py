@@ -404,3 +404,20 @@ def test_png_gamma_and_text_carried_into_png(tmp_path, bits):
     assert (im.info['gamma'], im.info['parameters'], im.info['Comment']) == (
         1.0, 'steps: 20', 'ünïcode')
   image_io.write_image(tmp_path / 'out.webp', image, read)  # (WebP and JPEG have no such chunks)
+
+
+def test_xmp_and_raw_exif_profiles_are_not_carried(tmp_path):
+  """An XMP or ImageMagick EXIF text chunk's orientation is applied on reading: carried into the
+  output, it had turned the image again for every reader."""
+  info = PngImagePlugin.PngInfo()
+  info.add_itxt('XML:com.adobe.xmp', '<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+  info.add_text('Comment', 'kept')
+  Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / 'xmp.png', pnginfo=info)
+  image, read = image_io.read_image(tmp_path / 'xmp.png')
+  assert image.shape[:2] == (6, 4)
+  assert image_io.peek(tmp_path / 'xmp.png')[:2] == (4, 6)  # width, height: as read_image turns it
+  image_io.write_image(tmp_path / 'out.png', image, read)
+  again, _ = image_io.read_image(tmp_path / 'out.png')
+  assert again.shape[:2] == (6, 4)
+  with Image.open(tmp_path / 'out.png') as im:
+    assert im.info.get('Comment') == 'kept' and 'XML:com.adobe.xmp' not in im.info

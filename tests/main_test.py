@@ -61,6 +61,13 @@ def test_missing_config_file_is_one_clear_line(tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "main.py: error: --config=configs/nope.py: cannot load it: [Errno 2] No such file or "
         "directory: 'configs/nope.py'"], result.stderr
+  # absl takes the last --config; a file's own Python error is one line too.
+  (tmp_path / 'broken.py').write_text('def get_config(:\n  pass\n')
+  result = run_main('--config=configs/test.py', f'--config={tmp_path / "broken.py"}',
+                    f'--workdir={tmp_path}')
+  assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+      f'main.py: error: --config={tmp_path / "broken.py"}: cannot load it: SyntaxError: invalid '
+      'syntax (broken.py, line 1)'], result.stderr
 
 
 @pytest.mark.parametrize('args, message', [

@@ -128,7 +128,7 @@ def _fix_planar_tiff16(im):
     return
   order = ';16L' if im.tag_v2._endian == '<' else ';16B'  # pylint: disable=protected-access
   im.tile = [t._replace(args=(t.args[0] + order,) + tuple(t.args[1:]))
-             if t.codec_name == 'raw' and len(t.args[0]) == 1 else t for t in im.tile]
+             if t.codec_name == 'raw' and t.args[0] in ('R', 'G', 'B', 'A') else t for t in im.tile]
 
 
 def _decode(path, rawmode=None):
@@ -257,11 +257,20 @@ def _png_chunks(path, kinds=CARRIED_PNG_CHUNKS):
         data = f.read(length)
         if len(data) < length:
           break
-        found.append((kind, data))
+        if not _is_metadata_profile(kind, data):
+          found.append((kind, data))
         f.seek(4, os.SEEK_CUR)  # the CRC
       else:
         f.seek(length + 4, os.SEEK_CUR)
   return tuple(found)
+
+
+def _is_metadata_profile(kind, data):
+  """A text chunk holding XMP or an EXIF profile (ImageMagick's 'Raw profile type ...'): not
+  carried, as EXIF is not: its orientation, already applied, would turn the output again."""
+  keyword = data.split(b'\0', 1)[0]
+  return kind in (b'tEXt', b'zTXt', b'iTXt') and (
+      keyword == b'XML:com.adobe.xmp' or keyword.startswith(b'Raw profile type'))
 
 
 def _dpi_of(im, orientation):
@@ -364,15 +373,12 @@ def pixel_limit(pixels):
 
 
 def _orientation_from_header(im):
-  """The EXIF orientation found without decoding: Pillow's getexif() decodes a PNG whole to
-  look past its pixels, so a PNG's eXIf chunk counts only where it comes before them."""
+  """The EXIF orientation found without decoding: Pillow's PNG getexif() decodes the file whole
+  to look past its pixels, so for a PNG only what comes before them counts (eXIf, an EXIF or XMP
+  text chunk: Pillow's base getexif reads those from the header's info)."""
   if im.format != 'PNG':
     return im.getexif().get(0x0112)
-  if 'exif' not in im.info:
-    return None
-  exif = Image.Exif()
-  exif.load(im.info['exif'])
-  return exif.get(0x0112)
+  return Image.Image.getexif(im).get(0x0112)
 
 
 def peek(path):

@@ -363,7 +363,8 @@ def load_datasets(config):
   count = config.data.get('synthetic_images', 0)
   if count:
     logging.info('Adding %d synthetic flat-colour drawings to the training images', count)
-    train_images = train_images + data.synthetic_flat_images(count, seed=config.seed)
+    size = max(256, data.min_image_size(config.data.patch_size, config.model.scale))
+    train_images = train_images + data.synthetic_flat_images(count, seed=config.seed, size=size)
   return train_images, val_images
 
 
@@ -499,14 +500,29 @@ def _train(config, workdir, devices):
 
   def checkpoint_now(val=None, force=False):
     if manager.latest_step() != int(state.step):  # a stop right after a periodic save: nothing new
-      check_finite(jax.device_get(pending[-1]) if pending else None)
+      if not bool(params_finite(state.params)):  # never saved: a resume would start from it
+        raise_diverged('non-finite parameters')
       checkpoint.save_train_state(manager, state, metrics=val, force=force)
 
-  def check_finite(step_metrics):
-    if step_metrics is not None and not math.isfinite(step_metrics['loss']):
-      raise Diverged(f'loss {step_metrics["loss"]} by step {step}: the run diverged; its last '
-                     f'checkpoint (step {manager.latest_step()}) is kept; lower '
-                     'config.train.learning_rate or set config.train.grad_clip, and run again')
+  def check_finite(summary):
+    for name in ('loss', 'grad_norm'):  # (the grads make the params this step saves)
+      if name in summary and not math.isfinite(summary[name]):
+        raise_diverged(f'{name} {summary[name]}')
+
+  def raise_diverged(what):
+    latest = manager.latest_step()
+    raise Diverged(f'{what} by step {step}: the run diverged; '
+                   + (f'its checkpoints stop at step {latest}, before it: run again with a lower '
+                      'config.train.learning_rate (a new workdir if it diverges again)'
+                      if latest is not None else
+                      'no checkpoint was saved: lower config.train.learning_rate'))
+
+  def save_before_data_error():
+    if jax.process_count() == 1:  # with several, the save is a collective the others would not join
+      if pending:
+        log_losses()
+      checkpoint_now(force=True)
+      logging.warning('Checkpoint saved before stopping: run the same command to resume.')
 
   def validate_now(step):
     val = validate(state.params)
@@ -539,11 +555,13 @@ def _train(config, workdir, devices):
     log.write(step, lr=lr, patches_per_s=patches_per_s, **summary)
     pending, last_time, last_step = [], now, step
 
+  params_finite = jax.jit(lambda params: jnp.all(jnp.stack(
+      [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params)])))
   agree = _StopAgreement(mesh) if jax.process_count() > 1 else None
   stopping = None
   try:
     with _StopRequest() as stop, generator:
-      for step_index, batch in _keeping_steps_on_data_error(generator, checkpoint_now):
+      for step_index, batch in _SavingOnDataError(generator, save_before_data_error):
         if agree is None:
           stopping = stop.signal
         elif agree(stop.signal):  # every process sees this at the same step
@@ -580,17 +598,23 @@ def _train(config, workdir, devices):
   return state
 
 
-def _keeping_steps_on_data_error(generator, checkpoint_now):
-  """The generator's batches; where it fails (a patch worker killed, say, for memory), the steps
-  done so far are saved before the error goes on (a single process: with several, the save is a
-  collective that the others, still training, would not join)."""
-  try:
-    yield from generator
-  except data.DataError:
-    if jax.process_count() == 1:
-      checkpoint_now(force=True)
-      logging.warning('Checkpoint saved before stopping: run the same command to resume.')
-    raise
+class _SavingOnDataError:
+  """The generator's batches; where it fails (a patch worker killed, say, for memory), `save()`
+  keeps the steps done before the error goes on. (Not a generator function: its close() on a
+  `break` would stop the data pipeline before the stop's checkpoint, delaying it.)"""
+
+  def __init__(self, generator, save):
+    self._generator, self._save = generator, save
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    try:
+      return next(self._generator)
+    except data.DataError:
+      self._save()
+      raise
 
 
 def _format_seconds(seconds):
