@@ -624,3 +624,18 @@ def test_images_larger_than_the_free_memory_fail_before_the_work(tmp_path, capsy
   assert upscale.available_memory() == 2 << 30  # 8 GiB free, 2 GiB under the limit
   numbers['/sys/fs/cgroup/memory.max'] = None  # 'max': no limit
   assert upscale.available_memory() == 8 << 30
+
+
+def test_shipped_models_keep_flat_colours():
+  """Flat fills (anime-style art) stay flat and keep their colour: an audit had found (0, 0, 255)
+  out of noise0 as (0, 0, 245), and scale2x_noise3 turning saturated fills into a checkerboard."""
+  from w2x_jax import inference  # pylint: disable=g-import-not-at-top
+  colours = [(0, 0, 255), (255, 0, 0), (0, 255, 0), (64, 0, 255), (0, 0, 0), (255, 255, 255),
+             (154, 242, 4), (255, 128, 0)]
+  for name in upscale.shipped_names():
+    _, params, config = upscale.load_model(name)
+    upscaler = inference.Upscaler(params, config.model)
+    for colour in colours:
+      out = upscaler(np.broadcast_to(np.float32(colour) / 255, (32, 32, 3)).copy()) * 255
+      centre = out[out.shape[0] // 4:-out.shape[0] // 4, out.shape[1] // 4:-out.shape[1] // 4]
+      assert np.abs(centre - colour).max() < 2.5, (name, colour, centre.min((0, 1)), centre.max((0, 1)))
