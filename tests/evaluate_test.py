@@ -33,7 +33,34 @@ def test_y_and_psnr_by_hand():
   assert metrics.ssim_y(a, b) < 0.9995
 
 
-def test_bicubic_reproduces_published_figures(shared_data):
+def test_paper_code_protocol_by_hand():
+  """'paper-code': both Ys rounded (an output equal to the truth is infinite PSNR), and a
+  one-channel file scored on its grey values, not mapped to 16-235."""
+  a = np.full((12, 12, 3), 100.0)
+  b = a.copy()
+  b[4:8, 4:8] += 10
+  ya, yb = round(16 + 100 * 219 / 255), round(16 + 110 * 219 / 255)  # 102 and 110
+  mse = 16 * (yb - ya) ** 2 / 144
+  assert metrics.psnr_y(a, b, protocol='paper-code') == pytest.approx(10 * np.log10(255 ** 2 / mse))
+  assert metrics.psnr_y(b, b, protocol='paper-code') == float('inf')
+  grey_mse = 16 * 10 ** 2 / 144  # the grey values themselves: 100 against 110
+  assert metrics.psnr_y(a, b, protocol='paper-code', grey=True) == pytest.approx(
+      10 * np.log10(255 ** 2 / grey_mse))
+  assert metrics.psnr_y(a[..., :1], b[..., :1], protocol='paper-code', grey=True) == pytest.approx(
+      10 * np.log10(255 ** 2 / grey_mse))
+
+
+def test_paper_code_protocol_reproduces_the_published_bicubic(shared_data):
+  """The DCSCN README's bicubic figures (33.66 / 30.24 / 29.56) under its code's convention."""
+  expected = {'Set5': 33.66, 'Set14': 30.24, 'BSD100': 29.56}
+  for name, figure in expected.items():
+    pairs = evaluate.load_dataset(str(shared_data / 'benchmark' / name), 2, -1)
+    summary, _, _ = evaluate.evaluate_dataset(lambda lr: evaluate.bicubic_upscale(lr, 2), pairs, 2,
+                                              protocol='paper-code')
+    assert abs(summary['baseline_psnr'] - figure) <= 0.025, (name, summary['baseline_psnr'])
+
+
+def test_bicubic_reproduces_the_data_readmes_measured_figures(shared_data):
   expected = {'Set5': 33.66, 'Set14': 30.32, 'BSD100': 29.55}
   for name, figure in expected.items():
     pairs = evaluate.load_dataset(str(shared_data / 'benchmark' / name), 2, -1)
@@ -42,12 +69,13 @@ def test_bicubic_reproduces_published_figures(shared_data):
 
 
 def test_shipped_compact_dcscn_meets_the_papers_figures(shared_data):
-  """Issue 7: the paper-protocol c-DCSCN reads at least the paper's figures on all three sets."""
+  """Issue 7: the paper-protocol c-DCSCN reads at least the paper's figures on all three sets,
+  scored as the paper's code scores (its figures have two decimals)."""
   predict, scale, _, _ = evaluate.make_predictor('paper_c_dcscn_y_scale2x', tta=False)
   for name, paper in {'Set5': 37.13, 'Set14': 32.71, 'BSD100': 31.59}.items():
     pairs = evaluate.load_dataset(str(shared_data / 'benchmark' / name), scale, -1)
-    summary, _, _ = evaluate.evaluate_dataset(predict, pairs, scale)
-    assert summary['psnr'] >= paper, (name, summary['psnr'])
+    summary, _, _ = evaluate.evaluate_dataset(predict, pairs, scale, protocol='paper-code')
+    assert round(summary['psnr'], 2) >= paper, (name, summary['psnr'])
 
 
 def test_noise_levels_degrade_in_order():
@@ -109,7 +137,7 @@ def test_noise_level_defaults_to_the_models_and_pairs_of_another_scale_are_not_u
   Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(dataset / 'p_HR.png')
   said = []
   pairs = evaluate.load_dataset(str(dataset), 4, -1, warn=said.append)
-  assert dict((n, lr.shape) for n, lr, _ in pairs)['p_HR.png'] == (10, 10, 3)
+  assert dict((n, lr.shape) for n, lr, _, _ in pairs)['p_HR.png'] == (10, 10, 3)
   assert said == [f'{dataset}: 1 low-resolution files are not 1/4 of their ground truth (e.g. '
                   'p_LR.png): inputs made by bicubic downscaling instead']
 
@@ -138,9 +166,9 @@ def test_command_reads_like_the_upscaler_and_refuses_bad_outputs_early(tmp_path,
   Image.fromarray(ramp).save(dataset / 'deep.png')
   Image.fromarray(np.zeros((12, 40, 3), np.uint8)).save(dataset / 'sliver.png')
   pairs = evaluate.load_dataset(str(dataset), 2, -1, warn=lambda m: None)
-  deep = dict((name, hr) for name, _, hr in pairs)['deep.png']
+  deep = dict((name, hr) for name, _, hr, _ in pairs)['deep.png']
   np.testing.assert_array_equal(deep[..., 0], np.round(ramp / 257.0).astype(np.uint8))
-  assert 'sliver.png' not in dict((name, hr) for name, _, hr in pairs)
+  assert 'sliver.png' not in dict((name, hr) for name, _, hr, _ in pairs)
   other = _dataset(tmp_path / 'b' / 'mini')
   out_json = tmp_path / 'r.json'
   assert evaluate.main(['--model', 'bicubic', '--dataset', str(dataset), '--dataset', str(other),

@@ -73,7 +73,8 @@ def read_rgb8(path):
 
 
 def load_dataset(folder, scale, noise_level, warn=None):
-  """[(name, model input uint8, ground truth uint8)] of a folder.
+  """[(name, model input uint8, ground truth uint8, whether the truth is a one-channel file)] of a
+  folder.
 
   A file `X_HR.png` with a partner `X_LR.png` uses that low-resolution file (MATLAB-made in the
   benchmark sets) where it is 1/scale of the ground truth; otherwise the input is made by Pillow
@@ -83,6 +84,7 @@ def load_dataset(folder, scale, noise_level, warn=None):
   """
   import glob  # pylint: disable=g-import-not-at-top
   from w2x_jax import data  # pylint: disable=g-import-not-at-top
+  from w2x_jax import image_io  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(folder):
     raise data.DataError(f'{folder}: no such dataset folder')
   paths = sorted(p for p in glob.glob(os.path.join(folder, '**', '*'), recursive=True)
@@ -107,7 +109,7 @@ def load_dataset(folder, scale, noise_level, warn=None):
         lr = jpeg_roundtrip(lr, quality)
     else:
       lr = degrade_for_eval(hr, scale, noise_level)
-    pairs.append((os.path.relpath(path, folder), lr, hr))
+    pairs.append((os.path.relpath(path, folder), lr, hr, image_io.peek(path)[2] in (1, 2)))
   if not pairs:
     only_lr = not paths and glob.glob(os.path.join(folder, '**', f'*{LR_SUFFIX}.*'), recursive=True)
     hint = f' (only low-resolution {LR_SUFFIX} files: their ground truth is needed)' if only_lr else ''
@@ -119,10 +121,10 @@ def load_dataset(folder, scale, noise_level, warn=None):
   return pairs
 
 
-def measure(output, target, scale):
+def measure(output, target, scale, protocol='data-readme', grey=False):
   """(PSNR, SSIM) on the Y channel with `scale` pixels cropped from every border."""
-  return (metrics_lib.psnr_y(output, target, border=scale),
-          metrics_lib.ssim_y(output, target, border=scale))
+  return (metrics_lib.psnr_y(output, target, border=scale, protocol=protocol, grey=grey),
+          metrics_lib.ssim_y(output, target, border=scale, protocol=protocol, grey=grey))
 
 
 def side_by_side(rows, scale):
@@ -141,14 +143,14 @@ def side_by_side(rows, scale):
   return np.concatenate(tiles, 0)
 
 
-def evaluate_dataset(predict, pairs, scale):
+def evaluate_dataset(predict, pairs, scale, protocol='data-readme'):
   """Per-image and mean figures of the model and of the baseline on the same inputs."""
   images, rows = [], []
-  for name, lr, hr in pairs:
+  for name, lr, hr, grey in pairs:
     baseline = bicubic_upscale(lr, scale)
     output = predict(lr)
-    psnr, ssim = measure(output, hr, scale)
-    base_psnr, base_ssim = measure(baseline, hr, scale)
+    psnr, ssim = measure(output, hr, scale, protocol, grey)
+    base_psnr, base_ssim = measure(baseline, hr, scale, protocol, grey)
     images.append(dict(image=name, psnr=psnr, ssim=ssim, baseline_psnr=base_psnr,
                        baseline_ssim=base_ssim))
     rows.append((lr, baseline, output, hr))
@@ -194,6 +196,11 @@ def main(argv=None):
                       help='for bicubic (models have their own)')
   parser.add_argument('--tta', action='store_true', help='average the 8 flips and rotations')
   parser.add_argument('--tile-size', type=positive, default=None)
+  parser.add_argument('--protocol', choices=metrics_lib.PROTOCOLS, default=metrics_lib.PROTOCOLS[0],
+                      help="how Y is taken: 'data-readme' (default: the benchmark data's formula, "
+                      "the truth's Y on the 8-bit grid; reproduces its measured bicubic figures) or "
+                      "'paper-code' (as the DCSCN paper's code: both Ys rounded, one-channel files "
+                      'on their grey values), to compare with published figures on their terms')
   parser.add_argument('--json', metavar='FILE', help='write the figures as JSON')
   parser.add_argument('--compare-dir', metavar='DIR', default=None,
                       help='write a side-by-side PNG per dataset here (input, bicubic, model, truth)')
@@ -231,16 +238,17 @@ def main(argv=None):
   predict = predict or (lambda lr: bicubic_upscale(lr, scale))
   baseline_name = 'bicubic' if scale > 1 else 'noisy input'
   results = dict(model=description, scale=scale, noise_level=args.noise_level, tta=args.tta,
-                 baseline=baseline_name, datasets={})
+                 protocol=args.protocol, baseline=baseline_name, datasets={})
   print(f'{description}, scale {scale}, noise level {args.noise_level}'
-        f'{", TTA" if args.tta else ""}: PSNR/SSIM on Y, {scale} px border')
+        f'{", TTA" if args.tta else ""}: PSNR/SSIM on Y, {scale} px border, protocol '
+        f'{args.protocol}')
   print(f'{"dataset":<12} {"images":>6} {"model PSNR":>11} {baseline_name + " PSNR":>14} {"gain":>7}'
         f' {"model SSIM":>11} {baseline_name + " SSIM":>14}')
   failed = False
   for folder in args.dataset:
     try:
       pairs = load_dataset(folder, scale, args.noise_level, warn)
-      summary, images, rows = evaluate_dataset(predict, pairs, scale)
+      summary, images, rows = evaluate_dataset(predict, pairs, scale, args.protocol)
     except (data.DataError, image_io.ImageError, OSError, ValueError) as e:
       error(e)
       failed = True  # the other datasets are still measured and written
