@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -318,15 +319,17 @@ def test_http_errors_leave_nothing_behind(server, files):
       'a text file': (server.upload(b'plain text, no image\n', 'notes.txt'),
                       415, 'notes.txt: not an image, or a damaged one'),
       'a corrupt PNG': (server.upload(png[:len(png) // 2], 'cut.png'),
-                        422, 'cut.png: cannot read the image: image file is truncated'),
+                        422, 'cut.png: cannot read the image: the file is cut short'),
       'over the pixel limit': (server.upload(_png_bytes((161, 160)), 'wide.png'),
-                               422, 'wide.png: 161x160 is 0.0258 megapixels, over the limit '
+                               422, 'wide.png: 161x160 is 0.02576 megapixels, over the limit '
                                'of this server: 0.0256 megapixels (160x160); shrink the image'),
       'over the byte limit': (server.upload(os.urandom(MAX_UPLOAD + 1), 'heavy.png'),
                               413, 'heavy.png: larger than the upload limit of 300 KB'),
       'an empty upload': (server.upload(b'', 'empty.png'), 400, 'empty.png: the upload is empty'),
       'a wrong option': (server.upload(png, scale=3), 400, 'scale must be one of 2, 4'),
       'a wrong quality': (server.upload(png, quality=101), 400, 'quality must be 0 to 100'),
+      'nothing to do': (server.upload(png, model='shipped', noise=-1, scale=1), 400,
+                        'nothing to do: no noise reduction at 1x'),
       'a missing shipped model': (server.upload(png, model='shipped', noise=2), 409,
                                   "shipped model 'scale2x_noise2' is not installed"),
       'no X-Filename header': (server.request('/api/jobs?model=m0', 'POST', png), 400,
@@ -435,7 +438,69 @@ def test_jobs_run_one_at_a_time(server):
   assert server.wait(first)['state'] == 'done'
   assert server.request(f'/api/jobs/{second}')[0] == 404 or server.wait(second)['state'] == (
       'cancelled')
-  assert len(os.listdir(server.temp_folder)) <= web.KEEP_FINISHED
+
+
+def test_results_stay_while_others_use_the_server_and_jobs_say_what_they_left(server):
+  """A result stays downloadable after many other people's jobs (8 in all had removed it within
+  seconds); an animation says only its first frame was upscaled; a turned JPEG's input size is
+  its upright one."""
+  first = server.upload(_png_bytes((20, 16)), 'mine.png')[2]['id']
+  assert server.wait(first)['state'] == 'done'
+  for i in range(10):
+    assert server.wait(server.upload(_png_bytes((20, 16), seed=i), f'other{i}.png')[2]['id'])[
+        'state'] == 'done'
+  done = server.wait(first)
+  assert server.request(done['result']['download_url'])[0] == 200
+  frames = [Image.fromarray(np.full((16, 20, 3), v, np.uint8)) for v in (0, 128, 255)]
+  buf = io.BytesIO()
+  frames[0].save(buf, 'GIF', save_all=True, append_images=frames[1:])
+  done = server.wait(server.upload(buf.getvalue(), 'anim.gif')[2]['id'])
+  assert done['state'] == 'done' and done['message'] == (
+      'anim.gif: 3 frames (an animation or pages); only the first is upscaled')
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(buf, 'JPEG', exif=exif)
+  done = server.wait(server.upload(buf.getvalue(), 'turned.jpg')[2]['id'])
+  assert done['input'] == {'width': 16, 'height': 20}
+  assert (done['result']['width'], done['result']['height']) == (32, 40)
+
+
+def test_an_upload_whose_page_left_is_not_run(files, tmp_path):
+  """Sent whole, then gone before the answer (Cancel while "Uploading", a closed tab): no job
+  runs for nobody, holding the queue. (In process: the request's next message says it left.)"""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  from starlette.requests import Request  # pylint: disable=g-import-not-at-top
+  args = web.parse_args(['--model', str(files['models']), '--weights-dir', str(tmp_path / 'none'),
+                         '--tile-size', TILE, '--temp-dir', str(tmp_path)])
+  server = web.Server(args)
+  try:
+    messages = [{'type': 'http.request', 'body': _png_bytes((20, 16)), 'more_body': False}]
+
+    async def receive():
+      return messages.pop(0) if messages else {'type': 'http.disconnect'}
+    scope = {'type': 'http', 'method': 'POST', 'path': '/api/jobs', 'query_string': b'model=m0',
+             'headers': [(b'x-filename', b'gone.png')]}
+    response = asyncio.run(server.create_job(Request(scope, receive)))
+    assert response.status_code == 400 and server.jobs == {}
+    assert os.listdir(server.tmp) == []
+  finally:
+    server.close()
+
+
+def test_second_ctrl_c_stops_at_once_and_removes_the_uploads(files, tmp_path):
+  served = Served(['--model', str(files['models']), '--tile-size', TILE], tmp_path)
+  for i in range(2):  # one running, one queued
+    assert served.upload(_png_bytes((150, 150), seed=i), f'big{i}.png', tta=1, scale=4)[0] == 202
+  time.sleep(1)
+  served.proc.send_signal(signal.SIGINT)
+  time.sleep(0.5)
+  code = served.stop(signal.SIGINT)
+  # 130 where the second came while stopping; 0 where the first had done it all, or -SIGINT where
+  # the second came after that, as the interpreter ended (Python's handlers gone by then).
+  assert code in (0, 128 + signal.SIGINT, -signal.SIGINT), served.output
+  assert 'terminate called' not in served.output and 'Traceback' not in served.output
+  assert not os.path.exists(served.temp_folder)
 
 
 def test_jpeg_of_a_transparent_image_without_a_colour_goes_over_white(server):

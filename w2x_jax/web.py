@@ -66,7 +66,8 @@ MEDIA_TYPES = {'png': 'image/png', 'webp': 'image/webp', 'jpeg': 'image/jpeg'}
 SHIPPED_ID = 'shipped'
 MAX_PAGE_SCALE = 4  # the page offers 1x, 2x and 4x: 8x of a large image would not fit memory
 KEEP_SECONDS = 30 * 60  # a finished job's files are removed after this ...
-KEEP_FINISHED = 8  # ... or when this many newer jobs have finished
+KEEP_BYTES = 1 << 30  # ... or when newer results fill this much disk (the newest always stays)
+KEEP_FINISHED = 1000  # ... or when this many newer jobs have finished (the job table's memory)
 NO_MODEL_MESSAGE = (
     'No model is installed: start the server with --model DIR (an exported model folder, a '
     'training workdir, or a folder of them), or install the shipped models in {weights}.')
@@ -303,6 +304,9 @@ class Server:
       if job.cancel:
         raise _Cancelled()
       runner = upscale.Runner(job.args, self._not_loaded, upscalers=self.upscalers)
+      if info.frames > 1:  # as the command says it
+        job.message = (f'{job.name}: {info.frames} frames (an animation or pages); only the '
+                       'first is upscaled')
       out = upscale.upscale_loaded(image, info, job.fmt, runner, job.args, job.name,
                                    pass_progress)
       del image
@@ -328,12 +332,18 @@ class Server:
     raise upscale.ModelError(f'model {key!r} is not installed on this server')
 
   def _sweep(self):
-    """Removes finished jobs older than KEEP_SECONDS, and all but the KEEP_FINISHED newest."""
+    """Removes finished jobs older than KEEP_SECONDS, those past KEEP_BYTES of newer results, and
+    all but the KEEP_FINISHED newest: a result shown on one person's page stays downloadable
+    while others use the server (a count of 8 jobs in all had removed it within seconds)."""
     now = time.time()
     with self.lock:
       finished = sorted((j for j in self.jobs.values() if not j.active), key=lambda j: -j.seq)
-      old = [j for i, j in enumerate(finished)
-             if i >= KEEP_FINISHED or now - j.finished > KEEP_SECONDS]
+      old, held = [], 0
+      for i, job in enumerate(finished):
+        held += job.result_bytes or 0
+        if (i >= KEEP_FINISHED or now - job.finished > KEEP_SECONDS
+            or (i > 0 and held > KEEP_BYTES)):
+          old.append(job)
       for job in old:
         del self.jobs[job.id]
     for job in old:
@@ -388,7 +398,11 @@ class Server:
     if self.args.batch_size:
       argv += ['--batch-size', str(self.args.batch_size)]
     if model['noise']:
-      argv += ['-n', str(number('noise', upscale.DEFAULT_NOISE, upscale.NOISE_LEVELS))]
+      noise = number('noise', upscale.DEFAULT_NOISE, upscale.NOISE_LEVELS)
+      if noise == -1 and scale == 1:
+        raise RequestError(400, 'nothing to do: no noise reduction at 1x; choose a noise level '
+                           'or a scale')
+      argv += ['-n', str(noise)]
     else:
       argv += ['-m', model['key']]
     if query.get('tta', '0') not in ('0', '1', ''):
@@ -419,17 +433,16 @@ class Server:
   def probe(self, job):
     """Checks the upload before it is queued: an image Pillow can decode, within the limit."""
     try:
-      with Image.open(job.upload) as im:
+      # This server's own limit below, with the size (Pillow's would refuse without it).
+      with image_io.pixel_limit(None), image_io.open_image(job.upload) as im:
         width, height = im.size
         if width * height > self.max_pixels:
-          raise RequestError(422, f'{job.name}: {width}x{height} is {width * height / 1e6:.3g} '
+          raise RequestError(422, f'{job.name}: {width}x{height} is {width * height / 1e6:.4g} '
                              'megapixels, over the limit of this server: '
                              f'{format_pixels(self.max_pixels)}; shrink the image, or start the '
                              'server with a larger --max-pixels')
         im.load()  # damaged data shows here, not after waiting in the queue
-    except Image.DecompressionBombError as e:
-      raise RequestError(422, f'{job.name}: too many pixels for this server (at most '
-                         f'{format_pixels(self.max_pixels)})') from e
+      width, height = image_io.peek(job.upload)[:2]  # as EXIF orientation turns it
     except Image.UnidentifiedImageError as e:
       raise RequestError(415, f'{job.name}: not an image, or a damaged one (Pillow cannot '
                          'identify it)') from e
@@ -437,7 +450,10 @@ class Server:
       raise
     except Exception as e:  # pylint: disable=broad-except (decoders raise many kinds)
       # (not called damaged: an EPS without Ghostscript, say, is whole)
-      raise RequestError(422, f'{job.name}: cannot read the image: {image_io.first_line(e)}') from e
+      reason = image_io.first_line(e)
+      if 'truncated' in reason.lower():
+        reason = 'the file is cut short (an incomplete upload or a damaged file)'
+      raise RequestError(422, f'{job.name}: cannot read the image: {reason}') from e
     job.input_size = (width, height)
 
   def status(self, job):
@@ -534,6 +550,8 @@ class Server:
         self._probe_lock = asyncio.Lock()
       async with self._probe_lock:  # one decode at a time besides the worker's
         await run_in_threadpool(self.probe, job)
+      if await request.is_disconnected():  # gone (the page cancelled): nobody would get the id
+        raise ClientDisconnect()
     except (RequestError, ClientDisconnect, OSError, asyncio.CancelledError) as e:
       # CancelledError: the server stops (Ctrl+C) while this upload still arrives; answered
       # below instead of re-raised, which uvicorn would log as a traceback.
@@ -749,6 +767,12 @@ def _serve(args, say):
         for m in server.models))
   else:
     say(server.message)
+  def stop_now(signum, frame):  # a second Ctrl+C while stopping: the uploads still go
+    del frame
+    shutil.rmtree(server.tmp, ignore_errors=True)
+    say('stopped (without waiting for the running job)')
+    os._exit(128 + signum)  # (a normal exit would abort in the worker's running computation)
+
   try:
     sock.listen(64)
     port = sock.getsockname()[1]
@@ -768,6 +792,8 @@ def _serve(args, say):
     say(f'serving http://{host}:{port}/ (Ctrl+C to stop); temporary files in {server.tmp}')
     uvicorn.Server(config).run(sockets=[sock])
   finally:
+    signal.signal(signal.SIGINT, stop_now)
+    signal.signal(signal.SIGTERM, stop_now)
     server.close()
   say('stopped')
   return 0

@@ -254,7 +254,8 @@ function showResult(job) {
   link.download = r.name;
   link.textContent = `Download ${r.name}`;
   $('sizes').textContent = `Input ${job.input.width}×${job.input.height} → result ` +
-      `${r.width}×${r.height}, ${r.format.toUpperCase()}, ${formatBytes(r.bytes)}.`;
+      `${r.width}×${r.height}, ${r.format.toUpperCase()}, ${formatBytes(r.bytes)}.` +
+      (job.message ? ` Note: ${job.message}.` : '');
   setView('compare');
 }
 
@@ -285,6 +286,7 @@ function setupDrop() {
   }
   drop.addEventListener('drop', (e) => {
     e.preventDefault();
+    e.stopPropagation();  // (the document's listener below would take it a second time)
     if (e.dataTransfer.files.length) chooseFile(e.dataTransfer.files[0]);
   });
   // A file dropped elsewhere on the page is taken too, rather than opened by the browser.
