@@ -65,7 +65,7 @@ def test_load_images_modes_formats_order_and_skips(tmp_path, caplog):
   rgb = photo_like(rng, 20, 24)
   save(tmp_path / 'b' / 'nested' / 'grey.png', rgb[:, :, 0])
   save(tmp_path / 'a.webp', rgb, lossless=True)
-  save(tmp_path / 'c.PNG', np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)]))  # RGBA
+  save(tmp_path / 'c.PNG', np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))  # RGBA
   save(tmp_path / 'd.jpg', rgb, quality=95, subsampling=0)
   save(tmp_path / 'e.bmp', rgb)
   save(tmp_path / 'f.tif', rgb)
@@ -79,7 +79,7 @@ def test_load_images_modes_formats_order_and_skips(tmp_path, caplog):
   # Sorted by relative path: a.webp, b/nested/grey.png, c.PNG, d.jpg, e.bmp, f.tif.
   np.testing.assert_array_equal(loaded[0], rgb)  # lossless webp
   np.testing.assert_array_equal(loaded[1], np.repeat(rgb[:, :, :1], 3, axis=2))  # grey expanded
-  np.testing.assert_array_equal(loaded[2], rgb)  # alpha dropped
+  np.testing.assert_array_equal(loaded[2], rgb)  # opaque alpha: the colour as it is
   assert 0 < np.abs(loaded[3].astype(int) - rgb).mean() < 6  # lossy jpeg
   np.testing.assert_array_equal(loaded[4], rgb)
   np.testing.assert_array_equal(loaded[5], rgb)
@@ -461,3 +461,20 @@ def test_synthetic_flat_images_are_flat_art_and_repeatable():
   assert ((pixels == 0) | (pixels == 255)).mean() > 0.3  # extreme channels, as in flat fills
   # Flat: most pixels equal their right-hand neighbour.
   assert np.mean([(im[:, 1:] == im[:, :-1]).all(-1).mean() for im in first]) > 0.9
+
+
+def test_transparent_training_images_over_white():
+  """The colour under transparent pixels (noise, black) is not trained on: composited over
+  white, as the art is seen."""
+  rng = np.random.default_rng(0)
+  rgba = np.concatenate([rng.integers(0, 256, (32, 32, 3)), np.zeros((32, 32, 1))], -1)
+  rgba[8:24, 8:24] = [200, 40, 40, 255]
+  rgba[4, 4] = [0, 0, 0, 128]  # half covered: half white
+  out = data._to_rgb_uint8(Image.fromarray(rgba.astype(np.uint8), 'RGBA'))  # pylint: disable=protected-access
+  assert (out[:2] == 255).all() and (out[8:24, 8:24] == [200, 40, 40]).all()
+  assert abs(int(out[4, 4, 0]) - 127) <= 1
+  la = Image.fromarray(np.stack([np.full((8, 8), 30), np.zeros((8, 8))], -1).astype(np.uint8), 'LA')
+  assert (data._to_rgb_uint8(la) == 255).all()  # pylint: disable=protected-access
+  pal = Image.fromarray(np.zeros((8, 8), np.uint8), 'P')
+  pal.info['transparency'] = 0
+  assert (data._to_rgb_uint8(pal) == 255).all()  # pylint: disable=protected-access

@@ -508,6 +508,17 @@ def test_keeps_latest_and_best(tmp_path):
   assert manager.all_steps() == [4, 10] and checkpoint.best_step(manager) == 4
 
 
+def test_longer_cosine_run_warns_that_its_rate_rises(tmp_path, caplog):
+  config = test_config.get_config()
+  config.train.schedule = 'cosine'
+  checkpoint.save_run_config(tmp_path, config)
+  (tmp_path / checkpoint.CHECKPOINT_DIR / '8').mkdir(parents=True)  # as a finished run has
+  config.train.num_steps *= 2
+  with caplog.at_level('WARNING'):
+    checkpoint.save_run_config(tmp_path, config)
+  assert 'the cosine schedule goes on as one of the new length' in caplog.text
+
+
 def test_a_workdir_in_use_is_refused_and_freed_with_its_run(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()

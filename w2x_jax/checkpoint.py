@@ -101,13 +101,23 @@ def save_run_config(workdir, config):
   path = os.path.join(workdir, CONFIG_FILE)
   live = config_to_dict(config)
   if os.path.exists(path) and has_checkpoint(workdir):
-    saved, new = _layout(config_to_dict(load_config(path))), _layout(live)
+    before = config_to_dict(load_config(path))
+    saved, new = _layout(before), _layout(live)
     diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     if diff:
       raise CheckpointError(
           f'{workdir}: its checkpoints are of another model or optimizer (fields differ: '
           + ', '.join(f'{k}={saved.get(k)!r} saved vs {new.get(k)!r}' for k in diff)
           + '); use a new --workdir or the saved config')
+    old_train, new_train = before.get('train', {}), live.get('train', {})
+    if (new_train.get('schedule') == 'cosine' and old_train.get('schedule') == 'cosine'
+        and old_train.get('num_steps') != new_train.get('num_steps')):
+      logging.warning(
+          'config.train.num_steps %s -> %s: the cosine schedule goes on as one of the new length '
+          '(where the old had decayed, the learning rate rises again, without warmup); for a '
+          'fresh schedule from these weights, use a new --workdir with '
+          '--config.train.init_from=%s', old_train.get('num_steps'), new_train.get('num_steps'),
+          workdir)
   _write_json_atomic(path, live)
 
 

@@ -118,8 +118,9 @@ def _filter_table(filter_weights):
 
 
 def _to_rgb_uint8(image):
-  """HxWx3 uint8 from any Pillow mode: grey expanded, alpha dropped, 16- and 32-bit scaled down,
-  float [0, 1] scaled up (NaN as 0)."""
+  """HxWx3 uint8 from any Pillow mode: grey expanded, transparency composited over white (the
+  colour under transparent pixels, often black or an editor's leftovers, is not art to learn),
+  16- and 32-bit scaled down, float [0, 1] scaled up (NaN as 0)."""
   if image.mode.startswith('I') or image.mode == 'F':
     if image.mode == 'F':
       values = np.nan_to_num(np.asarray(image, np.float64)) * 255.0  # float images hold [0, 1], as image_io reads them
@@ -128,8 +129,12 @@ def _to_rgb_uint8(image):
       values = values * (255.0 / white)
     grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
-  if image.mode == 'P':
-    image = image.convert('RGBA')  # the palette's transparency would warn on a direct RGB conversion
+  if image.mode in ('P', 'PA', 'LA', 'La', 'RGBa') or (
+      image.mode in ('L', 'RGB') and 'transparency' in image.info):
+    image = image.convert('RGBA')  # (a palette's transparency would warn on a direct conversion)
+  if image.mode == 'RGBA':
+    white = Image.new('RGBA', image.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(white, image)
   if image.mode != 'RGB':
     image = image.convert('RGB')
   return np.asarray(image, np.uint8)

@@ -486,7 +486,8 @@ def _train(config, workdir, devices):
   start_step = int(state.step)
   if start_step >= tc.num_steps:
     logging.info('Already done: step %d of %d in %s; nothing to train (a larger '
-                 'config.train.num_steps goes on from here)', start_step, tc.num_steps, workdir)
+                 'config.train.num_steps goes on from here, on a schedule of that length)',
+                 start_step, tc.num_steps, workdir)
     return state
   if start_step:
     logging.info('Resuming from step %d in %s', start_step, workdir)
@@ -548,7 +549,7 @@ def _train(config, workdir, devices):
     check_finite(summary)
     now = time.time()
     patches_per_s = (step - last_step) * tc.batch_size / max(now - last_time, 1e-9)
-    lr = float(make_schedule(tc)(step))
+    lr = float(make_schedule(tc)(step - 1))  # the rate of this step's update (counted from 0)
     eta = (tc.num_steps - step) * tc.batch_size / max(patches_per_s, 1e-9)
     logging.info('step %d/%d  loss %.5f  lr %.2e  %.1f patches/s  ETA %s', step, tc.num_steps,
                  summary['loss'], lr, patches_per_s, _format_seconds(eta))
