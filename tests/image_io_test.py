@@ -384,9 +384,20 @@ def test_tiff_layouts_pillow_misreads_or_refuses(tmp_path):
     np.testing.assert_allclose(image, np.moveaxis(planes, 0, -1) / 65535, atol=1 / 255)
   tifffile.imwrite(tmp_path / 'rgbf.tif', np.zeros((4, 5, 3), np.float32), photometric='rgb')
   with pytest.raises(image_io.ImageError, match='rgbf.tif: cannot read: a TIFF of a layout '
-                     r'Pillow does not read \(unknown pixel mode; float TIFFs only with one '
-                     r'channel\): save it as 8- or 16-bit RGB'):
+                     r'Pillow does not read \(unknown pixel mode; it reads 1 to 4 channels of 8 '
+                     r'bits, one channel of 16 or 32 bits or float, RGB of 16 bits\): save it as '
+                     r'8- or 16-bit RGB\(A\)'):
     image_io.read_image(tmp_path / 'rgbf.tif')
+  # Another format's own reason where its signature is there: a PNG chunk's bad checksum.
+  info = PngImagePlugin.PngInfo()
+  info.add_text('k', 'v')
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'crc.png', pnginfo=info)
+  data = bytearray((tmp_path / 'crc.png').read_bytes())
+  data[data.index(b'tEXt') + 7] ^= 0xff
+  (tmp_path / 'crc.png').write_bytes(bytes(data))
+  with pytest.raises(image_io.ImageError, match=r"crc.png: cannot read: PNG file: broken PNG "
+                     r"file \(bad header checksum in b'tEXt'\)"):
+    image_io.read_image(tmp_path / 'crc.png')
 
 
 @pytest.mark.parametrize('bits', [8, 16])

@@ -15,13 +15,13 @@ TOL = 1e-5
 
 
 @functools.lru_cache(maxsize=None)
-def _model(scale=2, channels=3, skip='bilinear'):
+def _model(scale=2, channels=3, skip='bilinear', seed=1):
   cfg = test_config.get_config(f'scale={scale}').model
   cfg.channels = channels
   cfg.skip_interpolation = skip
   model = models.build_model(cfg)
   x = np.zeros((1, 8, 8, channels), np.float32)
-  params = jax.jit(model.init)(jax.random.key(1), x)['params']
+  params = jax.jit(model.init)(jax.random.key(seed), x)['params']
   # A small residual beside the skip, as a trained model has: outputs mostly inside [0, 1] (so
   # clipping hides little) while the learned path still changes them.
   params = jax.tree.map(np.asarray, params)
@@ -226,6 +226,10 @@ def test_fill_transparent():
   strips = inference.fill_transparent(colour, alpha, iterations=3, strip=7)
   np.testing.assert_allclose(strips, filled, atol=1e-6)
   assert inference.fill_transparent(colour, np.ones((40, 30))) is colour
+  # Nearly transparent pixels (1/255: their colour barely shows) are filled too; it had bled.
+  faint = np.where(alpha > 0, alpha, 1 / 255).astype(np.float32)
+  np.testing.assert_allclose(inference.fill_transparent(colour, faint, iterations=3), filled,
+                             atol=1e-6)
 
 
 def test_upscale_image_alpha_paths():
@@ -245,6 +249,17 @@ def test_upscale_image_alpha_paths():
   want = inference.upscale_whole(params, cfg, np.concatenate([filled, rgba[..., 3:]], -1),
                                  model=model)
   assert np.abs(out.astype(int) - inference.quantize(want, np.uint8)).max() <= 1
+  # Alpha through another model of the scale (the shipped one without denoising): colour from
+  # this one, alpha from that one, progress over both runs.
+  cfg_b, model_b, params_b = _model(seed=5)
+  filled = inference.fill_transparent(rgba[..., :3], rgba[..., 3], iterations=up.margin(4) + 2)
+  up_b = _upscaler(cfg_b, model_b, params_b, tile_size=16, batch_size=4)
+  seen = []
+  out = inference.upscale_image(up, rgba, alpha_upscaler=up_b,
+                                progress=lambda done, total: seen.append((done, total)))
+  np.testing.assert_allclose(out[..., :3], up(filled), atol=TOL)
+  np.testing.assert_allclose(out[..., 3], up_b(rgba[..., 3:])[..., 0], atol=TOL)
+  assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
   # Scale 1: alpha is kept as it is.
   cfg1, model1, params1 = _model(scale=1)
   up1 = _upscaler(cfg1, model1, params1, tile_size=16, batch_size=4)

@@ -15,6 +15,7 @@ from PIL import Image, ImageCms
 from configs import test as test_config
 from w2x_jax import checkpoint
 from w2x_jax import conv
+from w2x_jax import image_io
 from w2x_jax import models
 from w2x_jax import upscale
 
@@ -466,7 +467,7 @@ def test_pipes_unlistable_folders_links_and_lists_in_other_encodings(tmp_path, c
   code, out, err = _run(capsys, '-i', tmp_path / 'latin.txt', '-o', tmp_path / 'o2', '--quiet',
                         '-m', model_dirs['2x'], *FAST)
   assert (code, out.strip()) == (1, '1 done, 0 skipped, 1 failed')
-  assert err.strip().splitlines() == [f'{tmp_path}/in/caf\\udce9.png: cannot read: No such file or '
+  assert err.strip().splitlines() == [f'{tmp_path}/in/caf\\xe9.png: cannot read: No such file or '
                                       'directory']
   os.mkfifo(tmp_path / 'fifo.txt')
   code, out, err = _run(capsys, '-i', tmp_path / 'fifo.txt', '-o', tmp_path / 'o3', '--quiet',
@@ -639,3 +640,51 @@ def test_shipped_models_keep_flat_colours():
       out = upscaler(np.broadcast_to(np.float32(colour) / 255, (32, 32, 3)).copy()) * 255
       centre = out[out.shape[0] // 4:-out.shape[0] // 4, out.shape[1] // 4:-out.shape[1] // 4]
       assert np.abs(centre - colour).max() < 2.5, (name, colour, centre.min((0, 1)), centre.max((0, 1)))
+
+
+def test_alpha_and_folder_choices(tmp_path, capsys, loaded, model_dirs):
+  """Alpha of a denoising pass goes through the model without denoising (JPEG noise removal had
+  erased dithered transparency); -o the input folder is refused; -s 1 with a 2x model says why."""
+  asked = []
+
+  def fake_load(name):
+    asked.append(name)
+    return loaded['1x' if name.startswith('noise') else '2x']
+  rgba = _png(tmp_path / 'a.png', (6, 5, 4))
+
+  def run(*extra):
+    asked.clear()
+    code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '--overwrite',
+                        '--quiet', *FAST, *extra, load_model_fn=fake_load)
+    assert code == 0, err
+  run('-n', '1')
+  assert asked == ['scale2x_noise1', 'scale2x_noisenone']
+  run('-n', '-1')
+  assert asked == ['scale2x_noisenone']
+  run('-m', 'scale2x_noise1')
+  assert asked == ['scale2x_noise1']  # a model of one's choice does all
+  del rgba
+  code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'c.png', '-m',
+                      model_dirs['2x'], '-s', '1', '--quiet', *FAST)
+  assert code == 1 and '-s 1 with a 2x model runs nothing' in err
+  os.makedirs(tmp_path / 'in')
+  _png(tmp_path / 'in' / 'x.jpg', (4, 4, 3))
+  code, _, err = _run(capsys, '-i', tmp_path / 'in', '-o', tmp_path / 'in' / '.', '--quiet',
+                      load_model_fn=_no_model)
+  assert code == 2 and 'is the input folder' in err and os.listdir(tmp_path / 'in') == ['x.jpg']
+
+
+def test_resize_and_composite_keep_flat_colours():
+  # Lanczos past a flat fill's edge: its overshoot had stayed in the opaque pixels' colour.
+  image = np.zeros((20, 20, 4), np.float32)
+  image[5:15, 5:15] = [0.5, 0.5, 0.5, 1.0]
+  out = upscale.resize(image, 30, 30)
+  opaque = out[..., 3] >= 1.0
+  assert opaque.any() and np.abs(out[opaque][:, :3] - 0.5).max() < 1e-3
+  # Grey + alpha over a colour is that colour, in RGB (it had been the colour's luma).
+  la = np.stack([np.full((2, 2), 0.2), np.array([[1.0, 0.0], [0.5, 0.0]])], -1).astype(np.float32)
+  out = image_io.composite(la, (1.0, 0.0, 0.0))
+  assert out.shape == (2, 2, 3)
+  np.testing.assert_allclose(out[0, 1], [1.0, 0.0, 0.0])
+  np.testing.assert_allclose(out[0, 0], [0.2, 0.2, 0.2])
+  assert image_io.composite(la, (1.0, 1.0, 1.0)).shape == (2, 2, 1)  # over grey: stays grey

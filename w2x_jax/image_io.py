@@ -29,7 +29,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image, ImageCms, ImageColor, ImageOps, PngImagePlugin, TiffImagePlugin
+from PIL import Image, ImageCms, ImageColor, ImageOps, PngImagePlugin
 
 FORMATS = {'png': 'PNG', 'webp': 'WEBP', 'jpeg': 'JPEG'}
 SUFFIXES = {'png': '.png', 'webp': '.webp', 'jpeg': '.jpg'}
@@ -334,16 +334,25 @@ def _check_regular_file(path):
 
 
 def _unknown_file_reason(path):
-  """Why Pillow knows no format for `path`: a TIFF's own reason (Pillow reads RGB as 8 or 16
-  bits, float only as one channel), else not an image."""
+  """Why Pillow knows no format for `path`: the reason of the format whose signature the file has
+  (a bad chunk checksum, a cut file, a TIFF layout Pillow does not read), else not an image."""
+  Image.init()
   with open(path, 'rb') as f:
-    if f.read(4) not in (b'II*\0', b'MM\0*'):
-      return 'not an image file Pillow knows'
-  try:
-    TiffImagePlugin.TiffImageFile(path).close()
-  except Exception as e:  # pylint: disable=broad-except; its reason is the message
-    return (f'a TIFF of a layout Pillow does not read ({_reason(e)}; float TIFFs only with one '
-            'channel): save it as 8- or 16-bit RGB')
+    prefix = f.read(16)
+    for fmt in Image.ID:
+      factory, accept = Image.OPEN[fmt]
+      if accept is None or not accept(prefix):
+        continue
+      f.seek(0)
+      try:
+        factory(f, path).close()
+      except Exception as e:  # pylint: disable=broad-except; its reason is the message
+        if fmt == 'TIFF':
+          return (f'a TIFF of a layout Pillow does not read ({_reason(e)}; it reads 1 to 4 '
+                  'channels of 8 bits, one channel of 16 or 32 bits or float, RGB of 16 bits): '
+                  'save it as 8- or 16-bit RGB(A)')
+        return f'{fmt} file: {_reason(e)}'
+      break
   return 'not an image file Pillow knows'
 
 
@@ -563,11 +572,14 @@ def parse_color(text):
 
 
 def composite(image, background):
-  """Drops alpha: the image over an RGB `background` (floats); gray stays gray (luma of it)."""
+  """Drops alpha: the image over an RGB `background` (floats); gray stays gray over a gray
+  background, and becomes RGB over a coloured one (its luma had been used: red gave gray)."""
   image = np.asarray(image, np.float32)
   c = image.shape[-1]
   if c not in (2, 4):
     return image
+  if c == 2 and len(set(np.asarray(background, np.float32).tolist())) > 1:
+    image, c = np.concatenate([np.repeat(image[..., :1], 3, -1), image[..., 1:]], -1), 4
   alpha = image[..., -1:]
   bg = np.asarray(background, np.float32)
   if c == 2:

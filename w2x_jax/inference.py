@@ -359,12 +359,18 @@ def _box3(x):
   return total
 
 
+# Pixels this transparent show at most 1.6% of their colour: it is replaced like a fully
+# transparent one's (alpha 1/255 over random colour had bled that colour into visible edges).
+HIDDEN_ALPHA = 4 / 255
+
+
 def fill_transparent(colour, alpha, iterations=8, strip=256):
-  """Colour under fully transparent pixels, grown in from visible neighbours (mean of the visible
-  3x3 neighbours, `iterations` pixels deep; farther ones get the mean visible colour), so that
-  the model does not smear arbitrary hidden colour into visible edges. Works in row strips (with
-  a halo of `iterations` rows) to keep memory small; returns a new array or `colour` itself."""
-  hidden = alpha <= 0
+  """Colour under (nearly) transparent pixels (alpha <= HIDDEN_ALPHA), grown in from visible
+  neighbours (mean of the visible 3x3 neighbours, `iterations` pixels deep; farther ones get the
+  mean visible colour), so that the model does not smear arbitrary hidden colour into visible
+  edges. Works in row strips (with a halo of `iterations` rows) to keep memory small; returns a
+  new array or `colour` itself."""
+  hidden = alpha <= HIDDEN_ALPHA + 1e-6
   if not hidden.any() or hidden.all():
     return colour
   h = colour.shape[0]
@@ -393,12 +399,22 @@ def fill_transparent(colour, alpha, iterations=8, strip=256):
   return out
 
 
+def _two_runs(progress):
+  """progress(done, total) split over two runs of one tile layout: (first's, second's)."""
+  if progress is None:
+    return None, None
+  return (lambda done, total: progress(done, 2 * total),
+          lambda done, total: progress(total + done, 2 * total))
+
+
 def upscale_image(upscaler, image, *, tta=False, progress=None, out_dtype=np.float32,
-                  fill_alpha=True):
+                  fill_alpha=True, alpha_upscaler=None):
   """An image as people have them (1-4 channels; 2 and 4 carry alpha) through `upscaler`.
 
   Alpha: hidden colour is filled first (`fill_alpha`); a constant alpha is not run through the
-  model (it is just repeated), nor is any alpha at scale 1 (denoising is for colour)."""
+  model (it is just repeated), nor is any alpha at scale 1 (denoising is for colour); with
+  `alpha_upscaler` (of the same scale: a model without denoising, as waifu2x has it), alpha runs
+  through that one instead (JPEG noise removal had erased dithered transparency)."""
   image = _check_image(image)
   h, w, c = image.shape
   if c in (1, 3):
@@ -409,6 +425,14 @@ def upscale_image(upscaler, image, *, tta=False, progress=None, out_dtype=np.flo
   if fill_alpha:
     filled = fill_transparent(colour, alpha, iterations=upscaler.margin(c) + 2)
   lo, hi = float(alpha.min()), float(alpha.max())
+  if s > 1 and lo != hi and alpha_upscaler is not None and alpha_upscaler is not upscaler:
+    if alpha_upscaler.scale != s:
+      raise ValueError(f'alpha_upscaler: scale {alpha_upscaler.scale}, not the image\'s {s}')
+    out = np.empty((h * s, w * s, c), out_dtype)
+    first, second = _two_runs(progress)
+    upscaler._run(filled, tta, first, out_dtype, out[..., :-1])  # pylint: disable=protected-access
+    alpha_upscaler._run(alpha[..., None], tta, second, out_dtype, out[..., -1:])  # pylint: disable=protected-access
+    return out
   if s > 1 and lo != hi:
     if filled is not colour:  # a new array: put alpha back beside it
       image = np.concatenate([filled, alpha[..., None]], axis=-1)

@@ -171,18 +171,21 @@ def resize(image, height, width):
   for i in range(c):
     channel = Image.fromarray(np.ascontiguousarray(src[..., i]))  # mode 'F'
     out[..., i] = np.asarray(channel.resize((width, height), Image.Resampling.LANCZOS))
-  out = np.clip(out, 0.0, 1.0)
-  if alpha:
+  if alpha:  # divided by the alpha as resized, overshoot and all: clipped first, a flat fill's
+    # edge had kept Lanczos's overshoot in its colour
     a = out[..., -1:]
-    out[..., :-1] = np.where(a > 0, out[..., :-1] / np.maximum(a, 1e-8), 0.0)
-    np.clip(out, 0.0, 1.0, out=out)
-  return out
+    out[..., :-1] = np.where(a > 1e-4, out[..., :-1] / np.maximum(a, 1e-4), 0.0)
+  return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _say(msg):
   """A line on stderr that does not break a progress bar (a file name's bytes that are not UTF-8,
-  as os.walk or a list gives them, written as escapes)."""
-  tqdm.tqdm.write(msg.encode('utf-8', 'backslashreplace').decode('utf-8'), file=sys.stderr)
+  as os.walk or a list gives them, written as escapes of those bytes: caf\\xe9.png)."""
+  try:
+    raw = msg.encode('utf-8', 'surrogateescape')  # the names' own bytes back
+  except UnicodeEncodeError:
+    raw = msg.encode('utf-8', 'backslashreplace')
+  tqdm.tqdm.write(raw.decode('utf-8', 'backslashreplace'), file=sys.stderr)
 
 
 class Runner:
@@ -260,6 +263,9 @@ def _passes_for(wanted, model_scale, name):
   if model_scale == 1:
     return 1
   count = round(math.log(wanted, model_scale)) if wanted > 1 else 0
+  if count < 1 and wanted == 1:
+    raise ModelError(f'{name}: -s 1 with a {model_scale}x model runs nothing; a scale-1 model '
+                     '(-m noiseN) denoises at -s 1')
   if count < 1 or model_scale ** count != wanted:
     raise ModelError(f'{name}: -s {wanted} is not a power (>= 1) of the model scale {model_scale}')
   return count
@@ -327,13 +333,27 @@ def upscale_loaded(image, info, fmt, runner, args, name, pass_progress=None):
     try:
       image = inference.upscale_image(runner.upscaler(key), image, tta=args.tta, progress=bar,
                                       out_dtype=out_dtype if last else np.float32,
-                                      fill_alpha=i == 0)
+                                      fill_alpha=i == 0,
+                                      alpha_upscaler=_alpha_upscaler(runner, key, image))
     finally:
       if hasattr(bar, 'close'):
         bar.close()
   if target is not None:
     image = resize(image, *target)
   return image
+
+
+def _alpha_upscaler(runner, key, image):
+  """The shipped 2x model without denoising for the alpha of a shipped denoising pass (PNG alpha
+  carries no JPEG noise; waifu2x does the same), where installed; else None (the pass's own)."""
+  plain = shipped_model(-1, True)
+  if (runner.args.model or image.shape[-1] not in (2, 4) or key == plain
+      or not key.startswith('scale2x_noise')):
+    return None
+  try:
+    return runner.upscaler(plain)
+  except ModelError:
+    return None
 
 
 def _check_writable(dst):
@@ -609,6 +629,9 @@ def main(argv=None, load_model_fn=None, exit_hard=False):
   refusal, all_jobs, listing_errors = None, [], []
   if not single and os.path.exists(args.output) and not os.path.isdir(args.output):
     refusal = f'{args.output}: is a file; the outputs of a folder or a list go in a folder'
+  elif os.path.isdir(args.input) and os.path.realpath(args.output) == os.path.realpath(args.input):
+    refusal = (f'{args.output}: is the input folder: PNG inputs would be their own outputs, and a '
+               'second run would take this run\'s outputs as inputs; choose another folder')
   else:
     try:
       all_jobs = list_jobs(args.input, args.output, fmt, listing_errors)
