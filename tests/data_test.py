@@ -478,3 +478,6 @@ def test_transparent_training_images_over_white():
   pal = Image.fromarray(np.zeros((8, 8), np.uint8), 'P')
   pal.info['transparency'] = 0
   assert (data._to_rgb_uint8(pal) == 255).all()  # pylint: disable=protected-access
+  grey16 = Image.fromarray(np.full((4, 4), 1000, np.uint16))  # 16-bit grey, its tRNS value
+  grey16.info['transparency'] = 1000
+  assert (data._to_rgb_uint8(grey16) == 255).all()  # pylint: disable=protected-access

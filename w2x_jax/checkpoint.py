@@ -111,7 +111,7 @@ def save_run_config(workdir, config):
           + '); use a new --workdir or the saved config')
     old_train, new_train = before.get('train', {}), live.get('train', {})
     if (new_train.get('schedule') == 'cosine' and old_train.get('schedule') == 'cosine'
-        and old_train.get('num_steps') != new_train.get('num_steps')):
+        and new_train.get('num_steps', 0) > old_train.get('num_steps', 0)):
       logging.warning(
           'config.train.num_steps %s -> %s: the cosine schedule goes on as one of the new length '
           '(where the old had decayed, the learning rate rises again, without warmup); for a '

@@ -125,12 +125,14 @@ def _to_rgb_uint8(image):
     if image.mode == 'F':
       values = np.nan_to_num(np.asarray(image, np.float64)) * 255.0  # float images hold [0, 1], as image_io reads them
     else:  # 16 or 32 bits: white -> 255
-      values, white = image_io.integer_pixels(image)
-      values = values * (255.0 / white)
+      raw, white = image_io.integer_pixels(image)
+      values = raw * (255.0 / white)
+      if isinstance(image.info.get('transparency'), int):  # a tRNS grey: transparent, so white
+        values[raw == image.info['transparency']] = 255.0
     grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
   if image.mode in ('P', 'PA', 'LA', 'La', 'RGBa') or (
-      image.mode in ('L', 'RGB') and 'transparency' in image.info):
+      image.mode in ('1', 'L', 'RGB') and 'transparency' in image.info):
     image = image.convert('RGBA')  # (a palette's transparency would warn on a direct conversion)
   if image.mode == 'RGBA':
     white = Image.new('RGBA', image.size, (255, 255, 255, 255))

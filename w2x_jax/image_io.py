@@ -341,7 +341,10 @@ def _unknown_file_reason(path):
     prefix = f.read(16)
     for fmt in Image.ID:
       factory, accept = Image.OPEN[fmt]
-      if accept is None or not accept(prefix):
+      try:  # (some read past a short prefix: DIB's raises struct.error, as Image.open allows)
+        if accept is None or not accept(prefix):
+          continue
+      except Exception:  # pylint: disable=broad-except
         continue
       f.seek(0)
       try:

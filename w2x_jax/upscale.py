@@ -351,9 +351,13 @@ def _alpha_upscaler(runner, key, image):
       or not key.startswith('scale2x_noise')):
     return None
   try:
-    return runner.upscaler(plain)
+    alpha, colour = runner.upscaler(plain), runner.upscaler(key)
   except ModelError:
     return None
+  # Only a model of the same scale and tiles (margin): its progress continues the colour's.
+  same = (alpha.scale == colour.scale and alpha.tile_size == colour.tile_size
+          and alpha.margin(1) == colour.margin(image.shape[-1]))
+  return alpha if same else None
 
 
 def _check_writable(dst):
@@ -629,7 +633,8 @@ def main(argv=None, load_model_fn=None, exit_hard=False):
   refusal, all_jobs, listing_errors = None, [], []
   if not single and os.path.exists(args.output) and not os.path.isdir(args.output):
     refusal = f'{args.output}: is a file; the outputs of a folder or a list go in a folder'
-  elif os.path.isdir(args.input) and os.path.realpath(args.output) == os.path.realpath(args.input):
+  elif os.path.isdir(args.input) and os.path.isdir(args.output) and os.path.samefile(
+      args.output, args.input):  # (samefile: also a case-insensitive disk's other spelling)
     refusal = (f'{args.output}: is the input folder: PNG inputs would be their own outputs, and a '
                'second run would take this run\'s outputs as inputs; choose another folder')
   else:
