@@ -616,6 +616,14 @@ def test_images_larger_than_the_free_memory_fail_before_the_work(tmp_path, capsy
   assert (code, out.strip()) == (1, '0 done, 0 skipped, 1 failed')
   assert 'a.png: 30x40 needs about 42.2 KB of memory, 9.77 KB free; a smaller -s' in err
   assert not os.path.exists(tmp_path / 'small.png')
+  # Grey + alpha over a coloured --background is counted as the RGB image it becomes.
+  la = tmp_path / 'in' / 'la.png'
+  Image.fromarray(np.zeros((40, 30, 2), np.uint8), 'LA').save(la)
+  for colour, counted in (('red', 3), ('white', 1)):
+    code, _, err = _run(capsys, '-i', la, '-o', tmp_path / 'la_out.png', '--quiet', '-m',
+                        model_dirs['2x'], '--background', colour, *FAST)
+    want = upscale.format_bytes(upscale.memory_needed(40, 30, counted, 8, [2]))
+    assert code == 1 and f'needs about {want} of memory' in err, (colour, err)
   # A container's memory limit (cgroup v2) counts where it leaves less than the machine.
   numbers = {'/proc/meminfo': 8 << 20, '/sys/fs/cgroup/memory.max': 3 << 30,
              '/sys/fs/cgroup/memory.current': (1 << 30) + (256 << 20),
