@@ -220,7 +220,7 @@ def bench_infer(args):
 
   `of_peak` counts the FLOPs of the output pixels only; `computed_of_peak` those of every pixel the
   tiles read (`work_per_pixel` per image pixel; unpadded, their later layers compute fewer, so
-  this understates them), which separates the convolutions' speed from
+  this overstates them: it credits work not done), which separates the convolutions' speed from
   the tiling's overlap."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
