@@ -226,7 +226,12 @@ def restore_model(path, step=None, best=False, with_step=False):
   From a workdir: the latest step, or `step`, or with best=True the best by validation PSNR.
   Only the parameters are read, never the optimizer state.
   """
-  path = os.path.abspath(os.fspath(path))
+  model, params, config, step_read = _restore(os.path.abspath(os.fspath(path)), step, best)
+  return (model, params, config, step_read) if with_step else (model, params, config)
+
+
+def _restore(path, step, best):
+  """restore_model's (model, params, config, step read or None)."""
   if step is not None and best:
     raise CheckpointError(f'{path}: step={step} and best=True name different checkpoints; give one')
   if not os.path.isdir(path):
@@ -239,8 +244,7 @@ def restore_model(path, step=None, best=False, with_step=False):
     model = models.build_model(config.model)
     with open(os.path.join(path, PARAMS_FILE), 'rb') as f:
       params = flax.serialization.msgpack_restore(f.read())
-    restored = model, jax.tree.map(np.asarray, params), config
-    return (*restored, None) if with_step else restored
+    return model, jax.tree.map(np.asarray, params), config, None
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):  # a workdir
     workdir, step_dir = path, None
   elif os.path.isdir(os.path.join(path, 'params')):  # one step folder: workdir/checkpoints/<step>
@@ -259,8 +263,7 @@ def restore_model(path, step=None, best=False, with_step=False):
   if step_dir is not None:
     params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'params'), abstract)
     step_name = os.path.basename(step_dir)
-    restored = model, params, config
-    return (*restored, int(step_name) if step_name.isdigit() else None) if with_step else restored
+    return model, params, config, int(step_name) if step_name.isdigit() else None
   # Not Orbax's read_only mode (it warns on every restore); this manager is only read from.
   manager = make_manager(workdir, create=False)
   if best:
@@ -273,8 +276,7 @@ def restore_model(path, step=None, best=False, with_step=False):
     raise CheckpointError(f'{workdir}: no checkpoint of step {step} (it keeps steps '
                           f'{", ".join(map(str, manager.all_steps())) or "none"})')
   restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-  return (model, restored['params'], config, step) if with_step else (
-      model, restored['params'], config)
+  return model, restored['params'], config, step
 
 
 def main(argv=None):

@@ -574,6 +574,14 @@ def parse_color(text):
   return tuple(v / 255.0 for v in rgb)
 
 
+def composited_channels(channels, background):
+  """The channels of an image of `channels` after `composite` over `background`: alpha dropped;
+  gray stays gray over a gray background and becomes RGB over a coloured one."""
+  if channels not in (2, 4):
+    return channels
+  return 1 if channels == 2 and len(set(np.asarray(background, np.float32).tolist())) == 1 else 3
+
+
 def composite(image, background):
   """Drops alpha: the image over an RGB `background` (floats); gray stays gray over a gray
   background, and becomes RGB over a coloured one (its luma had been used: red gave gray)."""
@@ -581,7 +589,7 @@ def composite(image, background):
   c = image.shape[-1]
   if c not in (2, 4):
     return image
-  if c == 2 and len(set(np.asarray(background, np.float32).tolist())) > 1:
+  if c == 2 and composited_channels(c, background) == 3:
     image, c = np.concatenate([np.repeat(image[..., :1], 3, -1), image[..., 1:]], -1), 4
   alpha = image[..., -1:]
   bg = np.asarray(background, np.float32)

@@ -53,7 +53,8 @@ class ConfigError(ValueError):
 
 
 class Diverged(RuntimeError):
-  """The loss became NaN or infinite: the run stops, its last good checkpoint kept (one line)."""
+  """The loss, its gradient or the parameters became NaN or infinite: the run stops in one line;
+  no checkpoint with non-finite parameters is saved."""
 
 
 class Stopped(KeyboardInterrupt):

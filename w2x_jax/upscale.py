@@ -438,8 +438,8 @@ def _check_memory(src, runner):
   decided by this instead."""
   width, height, channels, bits = image_io.peek(src)
   background = getattr(runner.args, 'background', None)
-  if background is not None and channels in (2, 4):  # composited first: no alpha, and grey over
-    channels = 1 if channels == 2 and len(set(background)) == 1 else 3  # a colour is RGB
+  if background is not None:  # composited before the passes
+    channels = image_io.composited_channels(channels, background)
   keys, target = runner.passes(height, width)
   need = memory_needed(height, width, channels, bits, runner.scales(keys), target)
   free = available_memory()

@@ -767,6 +767,7 @@ def _serve(args, say):
         for m in server.models))
   else:
     say(server.message)
+
   def stop_now(signum, frame):  # a second Ctrl+C while stopping: the uploads still go
     del frame
     shutil.rmtree(server.tmp, ignore_errors=True)
