@@ -344,8 +344,12 @@ def make_pair(image, rng, *, patch_size, scale, noise_level, nr_rate, filter_wei
     name = names[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])]
     lr = region.resize((region_w, region_h), FILTERS[name])
   if noise_level >= 0 and rng.random() < rate:
-    for quality in _jpeg_qualities(noise_level, rng):
-      lr = _jpeg(lr, quality, subsampling=2 * int(rng.integers(2)))  # 0: 4:4:4, 2: 4:2:0
+    qualities = _jpeg_qualities(noise_level, rng)
+    # One chroma layout for every encoding of the pair, as waifu2x and nunif draw it (a re-saved
+    # image keeps its subsampling).
+    subsampling = 2 * int(rng.integers(2))  # 0: 4:4:4, 2: 4:2:0
+    for quality in qualities:
+      lr = _jpeg(lr, quality, subsampling=subsampling)
   lr = np.asarray(lr)[offset_y:offset_y + p, offset_x:offset_x + p]
   return np.ascontiguousarray(lr), np.ascontiguousarray(hr)
 
