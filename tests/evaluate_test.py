@@ -29,6 +29,10 @@ def test_y_and_psnr_by_hand():
   assert metrics.psnr_y(a, b, border=4) == pytest.approx(10 * np.log10(255 ** 2 / (110 - ya) ** 2))
   assert round(yb) == 110
   assert 50 < metrics.psnr_y(b, b) < 100  # only the 8-bit rounding of the target's Y
+  # That rounding is at most 0.5 a pixel (PSNR >= 54.15); not 59 at most: a flat grey reads higher.
+  noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.float64)
+  assert 54.15 < metrics.psnr_y(noise, noise) < 60
+  assert metrics.psnr_y(a, a) > 60 and metrics.psnr_y(np.zeros_like(a), np.zeros_like(a)) == float('inf')
   assert metrics.ssim_y(b, b) == pytest.approx(1.0)
   assert metrics.ssim_y(a, b) < 0.9995
 

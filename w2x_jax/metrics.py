@@ -43,8 +43,9 @@ def _y_pair(output, target, border, round_target=True, protocol='data-readme', g
   8-bit grid and the output's is not: that reproduces the data README's measured bicubic figures,
   33.66 / 30.32 / 29.55 dB (Set5 / Set14 / BSD100), to within 0.01 dB (neither rounded: 33.67 /
   30.33 / 29.56; both: 33.64 / 30.31 / 29.55). A consequence: an output equal to the target scores
-  a finite PSNR (the rounding error, 59 dB at most), not infinity, which caps near-lossless
-  figures. 'paper-code': both rounded, `grey` (a one-channel file) on its grey values."""
+  the rounding error's PSNR (at least 54 dB, since no pixel is off by more than 0.5; about 59 on a
+  photograph; more, up to infinity, on flat colours whose Y falls near the grid), which caps
+  near-lossless figures. 'paper-code': both rounded, `grey` (a one-channel file) on its grey values."""
   a = _crop_border(_y(output, protocol, grey), border)
   b = _crop_border(_y(target, protocol, grey), border)
   b = np.round(b) if round_target and protocol == 'data-readme' else b
