@@ -63,7 +63,10 @@ def psnr_y(output, target, border=0, protocol='data-readme', grey=False):
 
 
 def ssim_y(output, target, border=0, protocol='data-readme', grey=False):
-  """SSIM on the Y channel as scikit-image computes it (gaussian window, sigma 1.5, K1 0.01, K2 0.03)."""
+  """SSIM on the Y channel as scikit-image computes it (gaussian window, sigma 1.5, K1 0.01, K2 0.03).
+
+  Under 'data-readme' neither Y is rounded (the ground truth's rounding is PSNR's, to match the
+  data README's figures); under 'paper-code' both are, as for PSNR."""
   from skimage.metrics import structural_similarity  # pylint: disable=g-import-not-at-top
   a, b = _y_pair(output, target, border, round_target=False, protocol=protocol, grey=grey)
   return float(structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
