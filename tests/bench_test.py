@@ -63,6 +63,19 @@ def test_bench_layers_times_every_convolution_of_the_model(tmp_path):
   assert abs(total['train_of_peak'] - 3 * flops / total['train_s'] / 1e9 / total['matmul_gflops']) < 1e-9
 
 
+def test_layers_records_each_dcscn_as_it_runs():
+  """As the README says of `layers`: on CPU the compact DCSCN's reconstruction runs per feature
+  layer and its final conv at low resolution; the seed DCSCN's as one 1x1 of the concatenated
+  features, its final conv at high resolution."""
+  compact, _ = bench.model_convolutions(bench._preset_config('dcscn_compact').model, 1, 12)
+  seed, _ = bench.model_convolutions(bench._preset_config('dcscn').model, 1, 12)
+  assert sum(k[:2] == (1, 1) for _, k in compact) == 7  # one 1x1 per feature layer
+  assert compact[-1][0][1] == 12  # the final conv before the shuffle
+  assert [k for _, k in seed if k[:2] == (1, 1)] == [(1, 1, 1281, 192)]  # recon_a and recon_b1 as one
+  assert seed[-1][0][1] == 24  # the final conv after it
+  assert (len(seed), len(compact)) == (16, 17)  # the README's `bench layers` table
+
+
 def test_timed_calls_alternate_with_the_matmul_probe():
   """The peak a row is divided by is sampled between its own calls, not once per run."""
   order = []

@@ -271,7 +271,8 @@ def model_convolutions(model_cfg, batch, side):
   """[(x shape, kernel shape)] of every convolution one forward pass of `model_cfg`'s model makes on
   `batch` patches of side x side, in call order, and the conv function that runs them: recorded
   by tracing the model with a conv_fn that notes its arguments, so the list is the model's own
-  (DCSCN's reconstruction split per feature layer, its final conv at low resolution)."""
+  (on CPU the compact DCSCN's reconstruction split per feature layer and its final conv at low
+  resolution; the seed DCSCN's one 1x1 of the concatenated features, its final conv at high)."""
   import jax  # pylint: disable=g-import-not-at-top
   from w2x_jax import conv  # pylint: disable=g-import-not-at-top
   from w2x_jax import models  # pylint: disable=g-import-not-at-top
