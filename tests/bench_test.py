@@ -76,6 +76,15 @@ def test_layers_records_each_dcscn_as_it_runs():
   assert (len(seed), len(compact)) == (16, 17)  # the README's `bench layers` table
 
 
+def test_data_dir_help_names_its_default(capsys):
+  """--help names the shared training folder even where it is absent (a fresh clone)."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--help'])
+  squeeze = lambda text: ''.join(text.split())  # argparse wraps long paths at their hyphens
+  assert squeeze(f'default: {bench.SHARED_TRAIN_DIR} where it exists') in squeeze(capsys.readouterr().out)
+
+
 def test_timed_calls_alternate_with_the_matmul_probe():
   """The peak a row is divided by is sampled between its own calls, not once per run."""
   order = []

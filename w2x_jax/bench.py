@@ -416,7 +416,9 @@ def parse_args(argv):
   parser.add_argument('which', nargs='*', default=['all'], choices=sorted(BENCHMARKS) + ['all'])
   parser.add_argument('--json', metavar='FILE', help='also write the rows (and the host) as JSON')
   parser.add_argument('--data-dir', default=str(SHARED_TRAIN_DIR) if SHARED_TRAIN_DIR.is_dir() else '',
-                      help="training images ('' = the embedded default; default: %(default)s)")
+                      # Named even where absent: a bare '%(default)s' reads "default: " in a fresh clone.
+                      help="training images ('' = the embedded default; default: "
+                           f"{str(SHARED_TRAIN_DIR).replace('%', '%%')} where it exists, else '')")
   parser.add_argument('--seconds', type=float, default=3.0, help='time per measurement')
   parser.add_argument('--patch-size', type=int, default=48, help='low-resolution patch side')
   parser.add_argument('--scales', type=int, nargs='+', default=[2, 1])
