@@ -2,6 +2,7 @@
 overwrite, exit codes, model choice per -n/-s, modes kept, JPEG and alpha, missing shipped model."""
 
 import os
+import shutil
 import signal
 import struct
 import sys
@@ -9,6 +10,7 @@ import zlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image, ImageCms
 
@@ -228,6 +230,44 @@ def test_missing_shipped_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
   code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '-m',
                       tmp_path / 'nowhere', '--quiet')
   assert code == 1 and 'no such model folder' in err
+
+
+def test_broken_or_mismatched_model_folder_is_one_clear_line(tmp_path, capsys, model_dirs):
+  # Another model's params beside a config, a config cut short or of no model, params cut short:
+  # a CheckpointError naming the file, never a traceback at (or a failure of) every image.
+  mixed = tmp_path / 'mixed'
+  shutil.copytree(model_dirs['1x'], mixed)
+  shutil.copy(os.path.join(model_dirs['2x'], checkpoint.CONFIG_FILE), mixed)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"params.msgpack: not the parameters of config.json's model \(2 differ: "
+                           r"\['upsampler'\]\['bias'\]"):
+    checkpoint.restore_model(mixed)
+  _png(tmp_path / 'a.png', (4, 4, 3))
+  code, _, err = _run(capsys, '-i', tmp_path / 'a.png', '-o', tmp_path / 'b.png', '-m', mixed,
+                      '--quiet')
+  assert code == 1 and len(err.strip().splitlines()) == 1 and 'not the parameters of' in err
+  cut = tmp_path / 'cut'
+  shutil.copytree(model_dirs['2x'], cut)
+  (cut / checkpoint.PARAMS_FILE).write_bytes((cut / checkpoint.PARAMS_FILE).read_bytes()[:100])
+  with pytest.raises(checkpoint.CheckpointError, match=r'cut/params.msgpack: cannot read it'):
+    checkpoint.restore_model(cut)
+  for text, reason in (('{"model": {', 'JSONDecodeError'), ('{}', 'AttributeError')):
+    (cut / checkpoint.CONFIG_FILE).write_text(text)
+    with pytest.raises(checkpoint.CheckpointError, match=f"cut/config.json: not a model's config "
+                                                         f'\\({reason}'):
+      checkpoint.restore_model(cut)
+  # A workdir whose config.json is another model's: one line, not Orbax's tree of differences.
+  workdir = tmp_path / 'run'
+  _, params, config = checkpoint.restore_model(model_dirs['2x'])
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(workdir / checkpoint.CHECKPOINT_DIR / '3' / 'params', params)
+  other = test_config.get_config()
+  other.model.layers = 2
+  checkpoint.save_run_config(str(workdir), other)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"checkpoints/3: cannot restore its parameters as config.json's model "
+                           r'\([^\n]*\)$'):
+    checkpoint.restore_model(workdir / checkpoint.CHECKPOINT_DIR / '3')
 
 
 def test_jpeg_alpha_refused_or_composited_and_bad_args(tmp_path, capsys, model_dirs):

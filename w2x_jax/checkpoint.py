@@ -240,10 +240,14 @@ def _restore(path, step, best):
     if step is not None or best:
       raise CheckpointError(f'{path}: an exported model holds one set of parameters; step and best '
                             'choose among a workdir\'s checkpoints')
-    config = load_config(os.path.join(path, CONFIG_FILE))
-    model = models.build_model(config.model)
-    with open(os.path.join(path, PARAMS_FILE), 'rb') as f:
-      params = flax.serialization.msgpack_restore(f.read())
+    model, config = _model_of(path)
+    params_path = os.path.join(path, PARAMS_FILE)
+    try:
+      with open(params_path, 'rb') as f:
+        params = flax.serialization.msgpack_restore(f.read())
+    except (OSError, ValueError) as e:  # msgpack's errors are ValueErrors
+      raise CheckpointError(f'{params_path}: cannot read it ({e})') from e
+    _check_params(params_path, params, _abstract_params(model, config.model))
     return model, jax.tree.map(np.asarray, params), config, None
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):  # a workdir
     workdir, step_dir = path, None
@@ -254,14 +258,11 @@ def _restore(path, step, best):
                             'another (step, best)')
   else:
     raise CheckpointError(f'{path}: neither an exported model ({PARAMS_FILE}) nor a training workdir')
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise CheckpointError(f'{workdir}: {CONFIG_FILE} is missing')
-  config = load_config(config_path)
-  model = models.build_model(config.model)
+  model, config = _model_of(workdir)
   abstract = _abstract_params(model, config.model)
   if step_dir is not None:
-    params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'params'), abstract)
+    params = _orbax_params(step_dir, lambda: ocp.StandardCheckpointer().restore(
+        os.path.join(step_dir, 'params'), abstract))
     step_name = os.path.basename(step_dir)
     return model, params, config, int(step_name) if step_name.isdigit() else None
   # Not Orbax's read_only mode (it warns on every restore); this manager is only read from.
@@ -275,8 +276,46 @@ def _restore(path, step, best):
   if step not in manager.all_steps():
     raise CheckpointError(f'{workdir}: no checkpoint of step {step} (it keeps steps '
                           f'{", ".join(map(str, manager.all_steps())) or "none"})')
-  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+  restored = _orbax_params(os.path.join(workdir, CHECKPOINT_DIR, str(step)), lambda: manager.restore(
+      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))))
   return model, restored['params'], config, step
+
+
+def _model_of(folder):
+  """(model, config) of folder/config.json; CheckpointError naming it where it gives no model (a
+  file cut short, not JSON, of no model): not a traceback at the first image."""
+  path = os.path.join(folder, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(f'{folder}: {CONFIG_FILE} is missing')
+  try:
+    config = load_config(path)
+    return models.build_model(config.model), config
+  except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+    raise CheckpointError(f'{path}: not a model\'s config ({type(e).__name__}: {e})') from e
+
+
+def _check_params(path, params, abstract):
+  """CheckpointError unless `params` has the names and shapes the config's model needs (another
+  model's params load fine and fail only inside model.apply, naming no file)."""
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  want, got = shapes(abstract), shapes(params)
+  diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+  if diff:
+    raise CheckpointError(
+        f'{path}: not the parameters of {CONFIG_FILE}\'s model ({len(diff)} differ: '
+        + ', '.join(f'{k} {got.get(k, "missing")} vs {want.get(k, "not in the model")}'
+                    for k in diff[:3]) + (', ...' if len(diff) > 3 else '') + ')')
+
+
+def _orbax_params(step_path, restore):
+  """restore() with Orbax's mismatch error (dozens of lines) as one CheckpointError line."""
+  try:
+    return restore()
+  except ValueError as e:
+    reason = str(e).strip().splitlines()[0].rstrip(':')  # the first line names the kind of mismatch
+    raise CheckpointError(f'{step_path}: cannot restore its parameters as {CONFIG_FILE}\'s model '
+                          f'({reason})') from e
 
 
 def main(argv=None):
