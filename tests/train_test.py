@@ -6,6 +6,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,29 @@ def tiny_config(train_dir, **train_overrides):
   config.data.train_dir = str(train_dir)
   config.train.update(train_overrides)
   return config
+
+
+def test_restore_while_the_run_removes_the_step_it_read(tmp_path, monkeypatch):
+  # A script restoring a workdir that a run is training in: the step it picked (the latest, an
+  # older best) can be removed under it; it reads again from what is kept, not a TensorStore error.
+  config = test_config.get_config()
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  checkpoint.save_run_config(str(tmp_path), config)
+  manager = checkpoint.make_manager(str(tmp_path))
+  for step in (1, 2):
+    checkpoint.save_train_state(manager, state.replace(step=step))
+  manager.close()
+  orbax_params = checkpoint._orbax_params  # pylint: disable=protected-access
+  removed = []
+
+  def removing(step_path, restore):
+    if not removed:  # as the run's next save does to an old step, between listing and reading
+      removed.append(step_path)
+      shutil.rmtree(step_path)
+    return orbax_params(step_path, restore)
+  monkeypatch.setattr(checkpoint, '_orbax_params', removing)
+  assert checkpoint.restore_model(tmp_path, with_step=True)[3] == 1
+  assert removed == [str(tmp_path / checkpoint.CHECKPOINT_DIR / '2')]
 
 
 def test_overfits_one_batch():

@@ -265,6 +265,21 @@ def _restore(path, step, best):
         os.path.join(step_dir, 'params'), abstract))
     step_name = os.path.basename(step_dir)
     return model, params, config, int(step_name) if step_name.isdigit() else None
+  folder = os.path.join(workdir, CHECKPOINT_DIR)
+  for attempt in range(3):
+    listed = sorted(os.listdir(folder))
+    try:
+      params, step_read = _restore_from_manager(workdir, abstract, step, best)
+      return model, params, config, step_read
+    except Exception:  # pylint: disable=broad-except (TensorStore's read errors are plain Exceptions)
+      # A run training there saved and removed steps (an older best, a latest passed by newer
+      # ones) while they were listed or read: look again at what it keeps now.
+      if attempt == 2 or sorted(os.listdir(folder)) == listed:
+        raise
+
+
+def _restore_from_manager(workdir, abstract, step, best):
+  """(params, step) of a workdir's latest checkpoint, or `step`, or the best."""
   # Not Orbax's read_only mode (it warns on every restore); this manager is only read from.
   manager = make_manager(workdir, create=False)
   if best:
@@ -278,7 +293,7 @@ def _restore(path, step, best):
                           f'{", ".join(map(str, manager.all_steps())) or "none"})')
   restored = _orbax_params(os.path.join(workdir, CHECKPOINT_DIR, str(step)), lambda: manager.restore(
       step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))))
-  return model, restored['params'], config, step
+  return restored['params'], step
 
 
 def _model_of(folder):
