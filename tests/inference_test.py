@@ -304,5 +304,7 @@ def test_input_and_output_dtypes_and_non_finite_pixels():
   for bad_arg in (dict(batch_size=-1), dict(batch_size=0), dict(tile_size=0)):
     with pytest.raises(ValueError, match=f'{next(iter(bad_arg))}=.*: must be a positive integer'):
       inference.Upscaler(params, cfg, model=model, **bad_arg)
-  with pytest.raises(ValueError, match='expected a float or integer image'):
+  with pytest.raises(ValueError, match='expected a float or unsigned integer image'):
     up(image.astype(np.complex64))
+  with pytest.raises(ValueError, match='image dtype int16: signed integers'):
+    up(as_uint8.astype(np.int16))

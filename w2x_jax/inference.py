@@ -165,7 +165,7 @@ def _crop(image, y, x, side):
 
 
 def _check_image(image):
-  """The image as [0, 1] floats: integer (and bool) arrays scaled by their dtype's maximum
+  """The image as [0, 1] floats: unsigned integer (and bool) arrays scaled by their dtype's maximum
   (uint8 by 255), NaN read as 0 and infinities clipped (one NaN pixel would otherwise blank its
   whole receptive field, and further through Winograd's tiles). Float arrays without those pass
   uncopied."""
@@ -174,10 +174,13 @@ def _check_image(image):
     raise ValueError(f'expected an HxWxC image with C in 1..4, got shape {image.shape}')
   if image.dtype.kind == 'b':
     return image.astype(np.float32)
-  if image.dtype.kind in 'ui':
+  if image.dtype.kind == 'u':
     return image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
+  if image.dtype.kind == 'i':  # which value is black is a guess (0 or the minimum): as out_dtype
+    raise ValueError(f'image dtype {image.dtype}: signed integers are not an image range; give '
+                     'unsigned integers (uint8, uint16) or floats in [0, 1]')
   if image.dtype.kind != 'f':
-    raise ValueError(f'expected a float or integer image, got dtype {image.dtype}')
+    raise ValueError(f'expected a float or unsigned integer image, got dtype {image.dtype}')
   if not np.isfinite(image).all():
     image = np.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0)
   return image
