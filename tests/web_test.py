@@ -622,6 +622,10 @@ def test_bad_model_folder_and_limits_parsing(tmp_path, capsys):
     web.parse_args(['--max-pixels', 'big'])
   with pytest.raises(SystemExit):
     web.parse_args(['--port', '70000'])
+  with pytest.raises(SystemExit):  # (had been a traceback after every model had loaded)
+    web.parse_args(['--temp-dir', str(tmp_path / 'nowhere')])
+  assert 'nowhere: no such folder' in capsys.readouterr().err
+  assert web.parse_args(['--temp-dir', str(tmp_path)]).temp_dir == str(tmp_path)
   capsys.readouterr()
   # An address that is not this machine's: said before any model loads.
   old_handler = signal.getsignal(signal.SIGTERM)

@@ -682,6 +682,16 @@ def _port(text):
   return value
 
 
+def _folder(text):
+  """--temp-dir: an existing folder this process can write in, checked before the models load
+  (the folder is made after them: a traceback there)."""
+  if not os.path.isdir(text):
+    raise argparse.ArgumentTypeError(f'{text}: no such folder')
+  if not os.access(text, os.W_OK | os.X_OK):
+    raise argparse.ArgumentTypeError(f'{text}: not writable')
+  return text
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(
       prog=f'python -m {PROG}', description='A local waifu2x web page: upscale and denoise '
@@ -715,7 +725,7 @@ def parse_args(argv=None):
                  help='tile side in input pixels, margins included (default %(default)s)')
   p.add_argument('--batch-size', type=positive, default=None,
                  help='tiles per step (default: one per device)')
-  p.add_argument('--temp-dir', default=None,
+  p.add_argument('--temp-dir', type=_folder, default=None,
                  help='where the server makes its temporary folder (default: the system\'s)')
   return p.parse_args(argv)
 
