@@ -509,6 +509,16 @@ def test_pipes_unlistable_folders_links_and_lists_in_other_encodings(tmp_path, c
   assert (code, out.strip()) == (1, '1 done, 0 skipped, 1 failed')
   assert err.strip().splitlines() == [f'{tmp_path}/in/caf\\xe9.png: cannot read: No such file or '
                                       'directory']
+  # A newline or tab in a name: escaped, one line per file still.
+  (tmp_path / 'ctl').mkdir()
+  (tmp_path / 'ctl' / 'new\nline.png').write_bytes(b'junk')
+  (tmp_path / 'ctl' / 'tab\t.png').write_bytes(b'junk')
+  code, out, err = _run(capsys, '-i', tmp_path / 'ctl', '-o', tmp_path / 'o4', '--quiet',
+                        '-m', model_dirs['2x'], *FAST)
+  assert (code, out.strip()) == (1, '0 done, 0 skipped, 2 failed')
+  assert err.strip().splitlines() == [
+      f'{tmp_path}/ctl/new\\nline.png: cannot read: not an image file Pillow knows',
+      f'{tmp_path}/ctl/tab\\t.png: cannot read: not an image file Pillow knows']
   os.mkfifo(tmp_path / 'fifo.txt')
   code, out, err = _run(capsys, '-i', tmp_path / 'fifo.txt', '-o', tmp_path / 'o3', '--quiet',
                         '-m', model_dirs['2x'], *FAST)

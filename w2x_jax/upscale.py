@@ -178,14 +178,20 @@ def resize(image, height, width):
   return np.clip(out, 0.0, 1.0, out=out)
 
 
+# A name's control characters as escapes: a newline in a file name had split its line in two.
+_CONTROL_ESCAPES = {i: repr(chr(i))[1:-1] for i in [*range(32), 127]}
+
+
 def _say(msg):
   """A line on stderr that does not break a progress bar (a file name's bytes that are not UTF-8,
-  as os.walk or a list gives them, written as escapes of those bytes: caf\\xe9.png)."""
+  as os.walk or a list gives them, written as escapes of those bytes: caf\\xe9.png; its control
+  characters too: new\\nline.png)."""
   try:
     raw = msg.encode('utf-8', 'surrogateescape')  # the names' own bytes back
   except UnicodeEncodeError:
     raw = msg.encode('utf-8', 'backslashreplace')
-  tqdm.tqdm.write(raw.decode('utf-8', 'backslashreplace'), file=sys.stderr)
+  text = raw.decode('utf-8', 'backslashreplace').translate(_CONTROL_ESCAPES)
+  tqdm.tqdm.write(text, file=sys.stderr)
 
 
 class Runner:
@@ -736,7 +742,7 @@ def main(argv=None, load_model_fn=None, exit_hard=False):
         err(str(e))
       except Exception as e:  # pylint: disable=broad-except (report it, go on with the rest)
         counts['failed'] += 1
-        err(f'{src}: {type(e).__name__}: {e}'.splitlines()[0])
+        err(f'{src}: {type(e).__name__}: {image_io.first_line(e)}')  # (src whole: see _say)
   except ModelError as e:
     err(f'{PROG}: {e}')
     fatal = True
