@@ -659,6 +659,13 @@ def test_images_larger_than_the_free_memory_fail_before_the_work(tmp_path, capsy
   assert upscale.memory_needed(30, 40, 3, 8, [2]) == int(1.5 * 30 * 40 * 3 * (4 + 4 * 1))
   assert upscale.memory_needed(30, 40, 4, 8, [2]) == int(1.5 * 30 * 40 * 4 * (4 * 2 + 4 * 1))
   assert upscale.memory_needed(30, 40, 3, 16, [2, 2]) == int(1.5 * 30 * 40 * 3 * 2 * 16 * 2)
+  # A resize (-s 1.5): the passes' result and its premultiplied copy, the resized array and one
+  # channel's planes (the copy had not been counted: 3000x3000 RGBA peaked at twice the estimate).
+  before, after = 30 * 40 * 4 * 4, 45 * 60 * 4
+  assert upscale.memory_needed(30, 40, 4, 8, [2], (45, 60)) == int(
+      1.5 * (before * 4 * 2 + after * 4 + (before * 4 + after * 8) // 4))
+  # Lanczos alone to a larger size (a scale-1 model): the float32 result written as integers.
+  assert upscale.memory_needed(10, 10, 3, 8, [1], (100, 100)) == int(1.5 * 100 * 100 * 3 * 14)
   # A machine with less free memory refuses a small image the same way, and says how much.
   monkeypatch.setattr(upscale, 'available_memory', lambda: 10000)
   code, out, err = _run(capsys, '-i', tmp_path / 'in' / 'a.png', '-o', tmp_path / 'small.png',
