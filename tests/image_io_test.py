@@ -392,6 +392,14 @@ def test_tiff_layouts_pillow_misreads_or_refuses(tmp_path):
                      r'bits, one channel of 16 or 32 bits or float, RGB of 16 bits\): save it as '
                      r'8- or 16-bit RGB\(A\)'):
     image_io.read_image(tmp_path / 'rgbf.tif')
+  # A compressed TIFF cut short (its directory, after the pixels, gone): said so, not a layout.
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / 'full.tif',
+                                                        compression='tiff_adobe_deflate')
+  whole = (tmp_path / 'full.tif').read_bytes()
+  (tmp_path / 'cut.tif').write_bytes(whole[:len(whole) // 2])
+  with pytest.raises(image_io.ImageError, match=r'cut.tif: cannot read: the file is cut short '
+                     r'\(its TIFF image directory lies past its end\)$'):
+    image_io.read_image(tmp_path / 'cut.tif')
   # Another format's own reason where its signature is there: a PNG chunk's bad checksum.
   info = PngImagePlugin.PngInfo()
   info.add_text('k', 'v')

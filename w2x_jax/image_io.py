@@ -333,6 +333,29 @@ def _check_regular_file(path):
         'a folder' if stat.S_ISDIR(mode) else 'not a regular file (a pipe or a device)'))
 
 
+def _tiff_cut_short(f, prefix):
+  """Whether a TIFF's first image directory ends past the end of the file `f`: one cut short
+  (libtiff writes it after the pixels), which Pillow does not identify, not a layout it cannot
+  read."""
+  order = {b'II': '<', b'MM': '>'}.get(prefix[:2])
+  if order is None or len(prefix) < 16:
+    return False
+  version = struct.unpack(order + 'H', prefix[2:4])[0]
+  if version == 42:
+    offset, count, entry, tail = struct.unpack(order + 'I', prefix[4:8])[0], 'H', 12, 4
+  elif version == 43:  # BigTIFF
+    offset, count, entry, tail = struct.unpack(order + 'Q', prefix[8:16])[0], 'Q', 20, 8
+  else:
+    return False
+  size = os.fstat(f.fileno()).st_size
+  f.seek(offset)
+  head = f.read(struct.calcsize(count))
+  if len(head) < struct.calcsize(count):
+    return True
+  entries = struct.unpack(order + count, head)[0]
+  return offset + len(head) + entries * entry + tail > size
+
+
 def _unknown_file_reason(path):
   """Why Pillow knows no format for `path`: the reason of the format whose signature the file has
   (a bad chunk checksum, a cut file, a TIFF layout Pillow does not read), else not an image."""
@@ -350,6 +373,8 @@ def _unknown_file_reason(path):
       try:
         factory(f, path).close()
       except Exception as e:  # pylint: disable=broad-except; its reason is the message
+        if fmt == 'TIFF' and _tiff_cut_short(f, prefix):
+          return 'the file is cut short (its TIFF image directory lies past its end)'
         if fmt == 'TIFF':
           return (f'a TIFF of a layout Pillow does not read ({_reason(e)}; it reads 1 to 4 '
                   'channels of 8 bits, one channel of 16 or 32 bits or float, RGB of 16 bits): '
