@@ -753,3 +753,18 @@ def test_resize_and_composite_keep_flat_colours():
   np.testing.assert_allclose(out[0, 1], [1.0, 0.0, 0.0])
   np.testing.assert_allclose(out[0, 0], [0.2, 0.2, 0.2])
   assert image_io.composite(la, (1.0, 1.0, 1.0)).shape == (2, 2, 1)  # over grey: stays grey
+
+
+def test_pillow_warnings_name_their_file(tmp_path, capsys, model_dirs):
+  # A camera JPEG whose EXIF is cut: Pillow warns "Corrupt EXIF data" (raw, two lines, no name).
+  exif = b'Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06'
+  Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / 'cam.jpg', exif=exif)
+  code, _, err = _run(capsys, '-i', tmp_path / 'cam.jpg', '-o', tmp_path / 'cam.png',
+                      '-m', model_dirs['2x'], *FAST)
+  assert code == 0
+  lines = [l for l in err.splitlines() if 'EXIF' in l]
+  assert len(lines) == 1 and lines[0].startswith(f'{tmp_path / "cam.jpg"}: warning: Corrupt EXIF')
+  assert 'warnings.warn' not in err
+  code, _, err = _run(capsys, '-i', tmp_path / 'cam.jpg', '-o', tmp_path / 'cam2.png',
+                      '-m', model_dirs['2x'], '--quiet', *FAST)
+  assert code == 0 and err == ''

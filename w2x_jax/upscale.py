@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 import zlib
 
 import jax
@@ -477,9 +478,15 @@ def process(src, dst, fmt, runner, args, written=None):
   _check_writable(dst)
   # Files the user chose: their size is checked against the free memory, not against Pillow's
   # fixed limit for untrusted input (179 megapixels, a warning from 89).
-  with image_io.pixel_limit(None):
+  with image_io.pixel_limit(None), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
     _check_memory(src, runner)
     image, info = image_io.read_image(src)
+  # Pillow's own warnings (a camera's "Corrupt EXIF data") name no file and, printed raw, broke
+  # the progress bar: one line each, naming the file.
+  for message in dict.fromkeys(str(w.message).strip().split('\n')[0] for w in caught):
+    if not args.quiet:
+      _say(f'{src}: warning: {message}')
   if info.frames > 1:  # even with --quiet: the other frames are not in the output
     _say(f'{src}: {info.frames} frames (an animation or pages); only the first is upscaled')
   image = upscale_loaded(image, info, fmt, runner, args, src,
