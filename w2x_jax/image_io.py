@@ -580,7 +580,7 @@ def write_image(path, image, info=None, format=None, quality=None):
       for kind, chunk_data in chunks:
         kwargs['pnginfo'].add(kind, chunk_data)
     if fmt == 'jpeg':
-      # Above 90, 4:4:4 chroma: subsampling would blur the detail the upscaling made.
+      # From 90 up, 4:4:4 chroma: subsampling would blur the detail the upscaling made.
       kwargs.update(quality=quality, subsampling=0 if quality >= 90 else 2)
     elif fmt == 'webp':
       kwargs.update(quality=quality, lossless=quality >= 100)
