@@ -89,6 +89,12 @@ def test_main_reports_errors_in_one_line(tmp_path):
   assert last.startswith('main.py: error:') and str(missing) in last, result.stderr
   result = run_main('--config=configs/test.py', f'--workdir={tmp_path / "w"}', '--config.train.loss=l3')
   assert result.returncode == 1 and 'config.train.loss' in result.stderr.strip().splitlines()[-1]
+  # An error after the checkpoint manager exists: Orbax's clean-up thread had added a traceback.
+  result = run_main('--config=configs/test.py', f'--workdir={tmp_path / "w2"}',
+                    '--config.train.init_from=no_such_model')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'main.py: error: config.train.init_from: no_such_model'), result.stderr
 
 
 def test_training_log_keeps_orbax_warnings_but_the_unranked_checkpoint():

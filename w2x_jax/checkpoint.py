@@ -143,9 +143,13 @@ def make_manager(workdir, keep=3, create=True):
       cleanup_tmp_directories=create,
       # Synchronous: the models are small, and a step is never left half-written at exit.
       enable_async_checkpointing=False)
-  return ocp.CheckpointManager(
+  manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options,
       item_names=('params', 'train'))
+  # Orbax clears them in a thread that only its first save waits for: a run that stops before
+  # (a bad train.init_from) exited with that thread's traceback. It takes milliseconds: wait here.
+  manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
+  return manager
 
 
 def best_step(manager):
