@@ -325,6 +325,10 @@ def test_bad_config_values_name_the_field(tmp_path):
   config.train.schedule, config.train.decay_every = 'step', 0
   with pytest.raises(train.ConfigError, match='config.train.decay_every=0: must be > 0'):
     train.check_config(config)
+  config = espcn_config.get_config()
+  config.model.filters = (8, 8.5)  # an override's tuple items are not type-checked
+  with pytest.raises(train.ConfigError, match=r'config.model.filters=\(8, 8.5\) must be counts'):
+    train.check_config(config)
   config = tiny_config(tmp_path)
   config.model.activation = 'gelu'
   with pytest.raises(train.ConfigError, match='activation'):  # and nothing was written

@@ -454,7 +454,9 @@ def build_model(model_cfg, conv_fn=None, valid=False):
                  activation=model_cfg.activation, skip_interpolation=model_cfg.skip_interpolation,
                  dtype=dtype, conv_fn=conv_fn, recon_from_parts=recon_from_parts(filters),
                  valid=valid)
-  if any(f < 1 for f in model_cfg.filters):  # () is allowed: the upsampler's conv alone
+  # () is allowed: the upsampler's conv alone. A tuple's items are not type-checked by
+  # ml_collections' overrides: (64, 64.5) had reached Flax's init as a traceback.
+  if any(not isinstance(f, int) or isinstance(f, bool) or f < 1 for f in model_cfg.filters):
     raise ValueError(f'models.py: model.filters={tuple(model_cfg.filters)} must be counts >= 1')
   _check_choice('selection_activation', model_cfg.selection_activation, SELECTION_ACTIVATIONS)
   _check_choice('skip_interpolation', model_cfg.skip_interpolation, INTERPOLATIONS)
