@@ -581,6 +581,15 @@ def test_a_workdir_in_use_is_refused_and_freed_with_its_run(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(checkpoint.CheckpointError, match='file/run: cannot write there: Not a directory'):
     train.train_and_evaluate(tiny_config(tmp_path), str(tmp_path / 'file' / 'run'))
+  # An exported model's folder: its config.json had been replaced, its params left unloadable.
+  model = tmp_path / 'model'
+  config = tiny_config(tmp_path)
+  checkpoint.export_model(model, train.create_train_state(config, jax.random.PRNGKey(0)).params,
+                          config)
+  before = (model / checkpoint.CONFIG_FILE).read_text()
+  with pytest.raises(checkpoint.CheckpointError, match='model: holds an exported model'):
+    train.train_and_evaluate(tiny_config(tmp_path, num_steps=2), str(model))
+  assert (model / checkpoint.CONFIG_FILE).read_text() == before
   # A file system without locks: the run goes on, with a warning.
   def no_locks(*_):
     raise OSError(errno.ENOLCK, 'No locks available')

@@ -96,8 +96,12 @@ def has_checkpoint(workdir):
 
 def save_run_config(workdir, config):
   """Writes the run's config beside its checkpoints; refuses one whose checkpoints it could not
-  resume (another model, another optimizer state). A workdir without a checkpoint yet (a run
-  that stopped before its first) takes the new config."""
+  resume (another model, another optimizer state), and an exported model's folder. A workdir
+  without a checkpoint yet (a run that stopped before its first) takes the new config."""
+  if os.path.exists(os.path.join(workdir, PARAMS_FILE)):
+    # Its config.json would be replaced by the run's, leaving params it no longer describes.
+    raise CheckpointError(f'{workdir}: holds an exported model ({PARAMS_FILE}); use another '
+                          '--workdir (config.train.init_from starts a run from this model)')
   path = os.path.join(workdir, CONFIG_FILE)
   live = config_to_dict(config)
   if os.path.exists(path) and has_checkpoint(workdir):
