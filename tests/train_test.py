@@ -321,6 +321,9 @@ def test_bad_config_values_name_the_field(tmp_path):
   config.seed = -1
   with pytest.raises(train.ConfigError, match='config.seed=-1: must be >= 0'):
     train.check_config(config)
+  config.seed = 10 ** 20  # had been a traceback (numpy), and 2**32 the same init as 0
+  with pytest.raises(train.ConfigError, match=r'config.seed=100000000000000000000: must be < 2\*\*32'):
+    train.check_config(config)
   config = tiny_config(tmp_path)
   config.train.schedule, config.train.decay_every = 'step', 0
   with pytest.raises(train.ConfigError, match='config.train.decay_every=0: must be > 0'):

@@ -98,6 +98,8 @@ def check_config(config):
   for name, value in nonnegative.items():
     if not value >= 0:
       raise ConfigError(f'config.{name}={value!r}: must be >= 0')
+  if config.seed >= 2 ** 32:  # JAX's key takes 32 bits (x64 off) and numpy raised past 64
+    raise ConfigError(f'config.seed={config.seed!r}: must be < 2**32')
   # The model's own fields (names, filter counts, dtype), before any file is written.
   try:
     models.build_model(config.model)
