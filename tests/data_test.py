@@ -456,6 +456,23 @@ def test_load_images_follows_linked_folders_once(tmp_path):
   np.testing.assert_array_equal(images[1], rgb[::-1])
 
 
+def test_a_subfolder_that_cannot_be_listed_is_said(tmp_path, caplog, monkeypatch):
+  rgb = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+  os.makedirs(tmp_path / 'locked')
+  Image.fromarray(rgb).save(tmp_path / 'a.png')
+  Image.fromarray(rgb).save(tmp_path / 'locked' / 'b.png')
+  scandir = os.scandir
+
+  def denied(path='.'):  # as chmod 000 would, for a user other than root
+    if os.fspath(path).endswith('locked'):
+      raise PermissionError(13, 'Permission denied', os.fspath(path))
+    return scandir(path)
+  monkeypatch.setattr(os, 'scandir', denied)
+  with caplog.at_level('WARNING'):
+    assert len(data.load_images(tmp_path, min_size=8)) == 1
+  assert any('locked: cannot list it (Permission denied)' in r.getMessage() for r in caplog.records)
+
+
 def test_large_training_images_are_not_refused_as_bombs(tmp_path, monkeypatch):
   """The user's own images: Pillow's decompression-bomb limit (179 MP) had skipped large ones as
   unreadable; the limit is off while loading and back after."""

@@ -185,7 +185,7 @@ def load_images(folder, min_size, *, num_threads=4):
   # Linked subfolders followed (pathlib's rglob leaves them out), hidden ones not.
   relative = sorted(
       pathlib.Path(os.path.relpath(os.path.join(d, name), root)).as_posix()
-      for d, files in image_io.walk_folder(root) for name in files
+      for d, files in image_io.walk_folder(root, _warn_unlistable) for name in files
       if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
       and os.path.isfile(os.path.join(d, name)))
   if not relative:
@@ -199,6 +199,12 @@ def load_images(folder, min_size, *, num_threads=4):
   logging.info('Loaded %d images (%.1f megapixels) from %s; %d skipped', len(images), megapixels, folder,
                len(relative) - len(images))
   return images
+
+
+def _warn_unlistable(error):
+  # A subfolder the run cannot list (its rights): said, not a silent gap in the training set.
+  logging.warning('%s: cannot list it (%s); its images are left out', error.filename,
+                  error.strerror or error)
 
 
 def default_image_dir():
