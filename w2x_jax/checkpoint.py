@@ -152,7 +152,8 @@ def make_manager(workdir, keep=3, create=True):
       item_names=('params', 'train'))
   # Orbax clears them in a thread that only its first save waits for: a run that stops before
   # (a bad train.init_from) exited with that thread's traceback. It takes milliseconds: wait here.
-  manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
+  # (A private method: the pinned Orbax has it; another version without it just skips the wait.)
+  getattr(manager, '_maybe_await_cleanup_tmp_directory', lambda: None)()
   return manager
 
 
