@@ -326,6 +326,10 @@ def test_http_errors_leave_nothing_behind(server, files):
       'over the byte limit': (server.upload(os.urandom(MAX_UPLOAD + 1), 'heavy.png'),
                               413, 'heavy.png: larger than the upload limit of 300 KB'),
       'an empty upload': (server.upload(b'', 'empty.png'), 400, 'empty.png: the upload is empty'),
+      # Pillow would run Ghostscript on it, where installed: uploaded PostScript, never run.
+      'an EPS': (server.upload(b'%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n',
+                               'page.eps'),
+                 415, 'page.eps: EPS (PostScript) is not accepted here'),
       'a wrong option': (server.upload(png, scale=3), 400, 'scale must be one of 2, 4'),
       'a wrong quality': (server.upload(png, quality=101), 400, 'quality must be 0 to 100'),
       'nothing to do': (server.upload(png, model='shipped', noise=-1, scale=1), 400,

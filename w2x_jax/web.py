@@ -63,6 +63,7 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web_stati
 STATIC_TYPES = {'.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8',
                 '.css': 'text/css; charset=utf-8'}
 MEDIA_TYPES = {'png': 'image/png', 'webp': 'image/webp', 'jpeg': 'image/jpeg'}
+UNSAFE_FORMATS = ('EPS',)  # Pillow decodes them with an external program (Ghostscript)
 SHIPPED_ID = 'shipped'
 MAX_PAGE_SCALE = 4  # the page offers 1x, 2x and 4x: 8x of a large image would not fit memory
 KEEP_SECONDS = 30 * 60  # a finished job's files are removed after this ...
@@ -435,6 +436,11 @@ class Server:
     try:
       # This server's own limit below, with the size (Pillow's would refuse without it).
       with image_io.pixel_limit(None), image_io.open_image(job.upload) as im:
+        if im.format in UNSAFE_FORMATS:
+          # Pillow runs Ghostscript on PostScript: uploaded code, which can loop for ever (the
+          # decode below held every later upload, and the server's exit, with it).
+          raise RequestError(415, f'{job.name}: {im.format} (PostScript) is not accepted here; '
+                             'convert it to PNG first')
         width, height = im.size
         if width * height > self.max_pixels:
           raise RequestError(422, f'{job.name}: {width}x{height} is {width * height / 1e6:.4g} '
@@ -449,7 +455,7 @@ class Server:
     except RequestError:
       raise
     except Exception as e:  # pylint: disable=broad-except (decoders raise many kinds)
-      # (not called damaged: an EPS without Ghostscript, say, is whole)
+      # (not called damaged: a whole file in a format whose codec is missing, say)
       reason = image_io.first_line(e)
       if 'truncated' in reason.lower():
         reason = 'the file is cut short (an incomplete upload or a damaged file)'
