@@ -492,6 +492,35 @@ def test_an_upload_whose_page_left_is_not_run(files, tmp_path):
     server.close()
 
 
+def test_an_image_over_the_free_memory_is_an_error_not_run(files, tmp_path, monkeypatch):
+  """As the command refuses it: run, it had the server killed for memory, every job with it."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  from starlette.requests import Request  # pylint: disable=g-import-not-at-top
+  args = web.parse_args(['--model', str(files['models']), '--weights-dir', str(tmp_path / 'none'),
+                         '--tile-size', TILE, '--temp-dir', str(tmp_path)])
+  server = web.Server(args)
+  try:
+    monkeypatch.setattr(upscale, 'available_memory', lambda: 1 << 20)  # 1 MB free
+    messages = [{'type': 'http.request', 'body': _png_bytes((150, 150)), 'more_body': False}]
+
+    async def receive():  # (the page waits for the answer: no disconnect)
+      if messages:
+        return messages.pop(0)
+      await asyncio.sleep(3600)
+    scope = {'type': 'http', 'method': 'POST', 'path': '/api/jobs',
+             'query_string': b'model=m0&scale=4', 'headers': [(b'x-filename', b'huge.png')]}
+    response = asyncio.run(server.create_job(Request(scope, receive)))
+    assert response.status_code == 202, response.body
+    job = next(iter(server.jobs.values()))
+    _wait_for(lambda: not job.active, 60, 'the job')
+    assert job.state == 'error' and re.fullmatch(
+        r'huge\.png: 150x150 needs about [\d.]+ MB of memory, 1 MB free; choose a smaller scale, '
+        r'or a smaller image', job.message), job.message
+    assert os.listdir(server.tmp) == []
+  finally:
+    server.close()
+
+
 def test_second_ctrl_c_stops_at_once_and_removes_the_uploads(files, tmp_path):
   served = Served(['--model', str(files['models']), '--tile-size', TILE], tmp_path)
   for i in range(2):  # one running, one queued

@@ -298,13 +298,18 @@ class Server:
           raise _Cancelled()
       return progress
     try:
+      runner = upscale.Runner(job.args, self._not_loaded, upscalers=self.upscalers)
       try:
+        try:  # as the command: an error, not the server killed for memory with every job
+          upscale._check_memory(job.upload, runner)  # pylint: disable=protected-access
+        except upscale.JobError as e:
+          raise upscale.JobError(str(e).replace('a smaller -s or --width, or split the image',
+                                                'choose a smaller scale, or a smaller image')) from e
         image, info = image_io.read_image(job.upload)
       finally:
         _remove(job.upload)
       if job.cancel:
         raise _Cancelled()
-      runner = upscale.Runner(job.args, self._not_loaded, upscalers=self.upscalers)
       if info.frames > 1:  # as the command says it
         job.message = (f'{job.name}: {info.frames} frames (an animation or pages); only the '
                        'first is upscaled')
