@@ -492,30 +492,57 @@ def test_an_upload_whose_page_left_is_not_run(files, tmp_path):
     server.close()
 
 
-def test_an_image_over_the_free_memory_is_an_error_not_run(files, tmp_path, monkeypatch):
-  """As the command refuses it: run, it had the server killed for memory, every job with it."""
+def _queue_in_process(server, body, query, name):
+  """The job of an upload to `server` (a web.Server in this process), queued: 202."""
   import asyncio  # pylint: disable=g-import-not-at-top
   from starlette.requests import Request  # pylint: disable=g-import-not-at-top
+  messages = [{'type': 'http.request', 'body': body, 'more_body': False}]
+
+  async def receive():  # (the page waits for the answer: no disconnect)
+    if messages:
+      return messages.pop(0)
+    await asyncio.sleep(3600)
+  scope = {'type': 'http', 'method': 'POST', 'path': '/api/jobs', 'query_string': query,
+           'headers': [(b'x-filename', name)]}
+  response = asyncio.run(server.create_job(Request(scope, receive)))
+  assert response.status_code == 202, response.body
+  return server.jobs[json.loads(response.body)['id']]
+
+
+def test_an_image_over_the_free_memory_is_an_error_not_run(files, tmp_path, monkeypatch):
+  """As the command refuses it: run, it had the server killed for memory, every job with it."""
   args = web.parse_args(['--model', str(files['models']), '--weights-dir', str(tmp_path / 'none'),
                          '--tile-size', TILE, '--temp-dir', str(tmp_path)])
   server = web.Server(args)
   try:
     monkeypatch.setattr(upscale, 'available_memory', lambda: 1 << 20)  # 1 MB free
-    messages = [{'type': 'http.request', 'body': _png_bytes((150, 150)), 'more_body': False}]
-
-    async def receive():  # (the page waits for the answer: no disconnect)
-      if messages:
-        return messages.pop(0)
-      await asyncio.sleep(3600)
-    scope = {'type': 'http', 'method': 'POST', 'path': '/api/jobs',
-             'query_string': b'model=m0&scale=4', 'headers': [(b'x-filename', b'huge.png')]}
-    response = asyncio.run(server.create_job(Request(scope, receive)))
-    assert response.status_code == 202, response.body
-    job = next(iter(server.jobs.values()))
+    job = _queue_in_process(server, _png_bytes((150, 150)), b'model=m0&scale=4', b'huge.png')
     _wait_for(lambda: not job.active, 60, 'the job')
     assert job.state == 'error' and re.fullmatch(
         r'huge\.png: 150x150 needs about [\d.]+ MB of memory, 1 MB free; choose a smaller scale, '
         r'or a smaller image', job.message), job.message
+    assert os.listdir(server.tmp) == []
+  finally:
+    server.close()
+
+
+def test_a_job_cancelled_while_its_result_is_written_keeps_no_result(files, tmp_path, monkeypatch):
+  """Cancel after the last tile (the page says "Cancelled."): the job had ended 'done', its result
+  kept for 30 minutes."""
+  args = web.parse_args(['--model', str(files['models']), '--weights-dir', str(tmp_path / 'none'),
+                         '--tile-size', TILE, '--temp-dir', str(tmp_path)])
+  server = web.Server(args)
+  try:
+    write = web.image_io.write_image
+
+    def write_then_cancel(*a, **k):  # the page's DELETE arrives while the file is written
+      write(*a, **k)
+      for j in server.jobs.values():
+        j.cancel = True
+    monkeypatch.setattr(web.image_io, 'write_image', write_then_cancel)
+    job = _queue_in_process(server, _png_bytes((20, 16)), b'model=m0', b'late.png')
+    _wait_for(lambda: not job.active, 60, 'the job')
+    assert job.state == 'cancelled'
     assert os.listdir(server.tmp) == []
   finally:
     server.close()

@@ -318,7 +318,10 @@ class Server:
       del image
       image_io.write_image(job.result, out, info, job.fmt, job.args.quality)
       job.result_size, job.result_bytes = (out.shape[1], out.shape[0]), os.path.getsize(job.result)
-      job.state = 'done'
+      with self.lock:  # cancelled while it was written: the page said so, the result goes too
+        if job.cancel:
+          raise _Cancelled()
+        job.state = 'done'
     except _Cancelled:
       job.state = 'cancelled'
     except (upscale.JobError, upscale.ModelError, image_io.ImageError) as e:
