@@ -445,10 +445,10 @@ def memory_needed(height, width, channels, bits, scales, target=None):
   return int(1.5 * peak)
 
 
-def _check_memory(src, runner):
+def check_memory(src, runner, advice='a smaller -s or --width, or split the image'):
   """JobError before the work where one image would not fit in the free memory (it would be
-  killed, the rest of a folder with it); Pillow's decompression-bomb limit, off in the command,
-  decided by this instead."""
+  killed, the rest of a folder with it, or the web page's server with every job); Pillow's
+  decompression-bomb limit, off in the command, decided by this instead. `advice` ends the line."""
   width, height, channels, bits = image_io.peek(src)
   background = getattr(runner.args, 'background', None)
   if background is not None:  # composited before the passes
@@ -458,7 +458,7 @@ def _check_memory(src, runner):
   free = available_memory()
   if free is not None and need > free:
     raise JobError(f'{src}: {width}x{height} needs about {format_bytes(need)} of memory, '
-                   f'{format_bytes(free)} free; a smaller -s or --width, or split the image')
+                   f'{format_bytes(free)} free; {advice}')
 
 
 def process(src, dst, fmt, runner, args, written=None):
@@ -480,7 +480,7 @@ def process(src, dst, fmt, runner, args, written=None):
   # fixed limit for untrusted input (179 megapixels, a warning from 89).
   with image_io.pixel_limit(None), warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
-    _check_memory(src, runner)
+    check_memory(src, runner)
     image, info = image_io.read_image(src)
   # Pillow's own warnings (a camera's "Corrupt EXIF data") name no file and, printed raw, broke
   # the progress bar: one line each, naming the file.

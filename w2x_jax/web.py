@@ -300,11 +300,8 @@ class Server:
     try:
       runner = upscale.Runner(job.args, self._not_loaded, upscalers=self.upscalers)
       try:
-        try:  # as the command: an error, not the server killed for memory with every job
-          upscale._check_memory(job.upload, runner)  # pylint: disable=protected-access
-        except upscale.JobError as e:
-          raise upscale.JobError(str(e).replace('a smaller -s or --width, or split the image',
-                                                'choose a smaller scale, or a smaller image')) from e
+        # As the command: an error, not the server killed for memory with every job.
+        upscale.check_memory(job.upload, runner, 'choose a smaller scale, or a smaller image')
         image, info = image_io.read_image(job.upload)
       finally:
         _remove(job.upload)
