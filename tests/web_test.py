@@ -647,6 +647,19 @@ def test_stop_removes_the_temporary_folder(server):
   assert server.output.rstrip().endswith('w2x_jax.web: stopped')
 
 
+def test_folders_of_servers_that_were_killed_are_removed_at_start(tmp_path, capsys):
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  host = socket.gethostname()
+  names = {'stale': f'w2x-web-{host}-{dead.pid}-abc', 'running': f'w2x-web-{host}-{os.getpid()}-def',
+           'other_host': f'w2x-web-{host}x-{dead.pid}-ghi', 'not_ours': f'w2x-web-{host}-x-jkl'}
+  for name in names.values():
+    os.makedirs(tmp_path / name / 'job-1')
+  assert web.remove_stale_temp_dirs(str(tmp_path)) == 1
+  assert sorted(os.listdir(tmp_path)) == sorted(v for k, v in names.items() if k != 'stale')
+  assert 'removed 1 temporary folder(s)' in capsys.readouterr().err
+
+
 def test_no_model_installed(tmp_path, browser_or_none):
   served = Served(['--weights-dir', str(tmp_path / 'empty')], tmp_path)
   try:

@@ -212,6 +212,37 @@ def _safe_name(text):
   return name[:120] or 'image'
 
 
+def _temp_prefix(pid):
+  # The host and process in the name: a later server on this host can tell whose folder it is.
+  return f'w2x-web-{socket.gethostname()}-{pid}-'
+
+
+def remove_stale_temp_dirs(temp_dir=None):
+  """Removes the temporary folders (uploads, results) of this host's servers that ended without
+  removing them (killed, or the machine stopped); returns how many. Other hosts' folders (a
+  shared disk) and those of running servers are left alone."""
+  temp_dir = temp_dir or tempfile.gettempdir()
+  pattern = re.compile(re.escape(_temp_prefix('')[:-1]) + r'(\d+)-')
+  removed = 0
+  for name in os.listdir(temp_dir):
+    match = pattern.match(name)
+    if not match or not os.path.isdir(os.path.join(temp_dir, name)):
+      continue
+    try:
+      os.kill(int(match.group(1)), 0)
+      continue  # that server (or a process that took its id) still runs
+    except ProcessLookupError:
+      pass
+    except (PermissionError, OverflowError):
+      continue  # alive, another user's
+    shutil.rmtree(os.path.join(temp_dir, name), ignore_errors=True)
+    removed += 1
+  if removed:
+    print(f'{PROG}: removed {removed} temporary folder(s) left in {temp_dir} by servers that '
+          'stopped without removing them', file=sys.stderr)
+  return removed
+
+
 class Server:
   """The models, the job table, the queue and its one worker thread, and the temporary folder."""
 
@@ -248,7 +279,8 @@ class Server:
       if suffix in STATIC_TYPES:
         with open(os.path.join(STATIC_DIR, name), 'rb') as f:
           self._static[name] = (f.read(), STATIC_TYPES[suffix])
-    self.tmp = tempfile.mkdtemp(prefix='w2x-web-', dir=args.temp_dir)
+    remove_stale_temp_dirs(args.temp_dir)
+    self.tmp = tempfile.mkdtemp(prefix=_temp_prefix(os.getpid()), dir=args.temp_dir)
     self.jobs = {}
     self.lock = threading.Lock()
     self.queue = queue.Queue()
