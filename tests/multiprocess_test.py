@@ -189,3 +189,10 @@ def test_upscale_splits_a_folder_across_processes(tmp_path):
   # Every output exactly once (5 done in all, and each of the 5 is there), nothing left half-done.
   written = sorted(str(p.relative_to(dst)) for p in dst.rglob('*') if p.is_file())
   assert written == names, written
+
+
+@pytest.mark.parametrize('address', ['127.0.0.1', '127.0.0.1:', 'host:port'])
+def test_coordinator_address_without_a_port_is_one_line(address):
+  # Refused before JAX's initialize, which raised an IndexError traceback on it.
+  with pytest.raises(distributed.DistributedError, match='must be HOST:PORT'):
+    distributed.initialize(address, 2, 0)

@@ -51,6 +51,9 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, mo
     raise DistributedError(f'--num_processes={num_processes}: must be >= 1')
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
     raise DistributedError(f'--process_id={process_id}: must be in [0, {num_processes})')
+  # JAX takes the port after the last ':' (an IndexError traceback where there is none).
+  if coordinator_address is not None and not coordinator_address.rpartition(':')[2].isdigit():
+    raise DistributedError(f'--coordinator_address={coordinator_address}: must be HOST:PORT')
   import jax  # pylint: disable=g-import-not-at-top
   # Cross-process collectives on CPU need an implementation; gloo (TCP) needs nothing installed.
   # The flag only concerns the CPU client, so it is harmless on GPU hosts. An explicit choice
