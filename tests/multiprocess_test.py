@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from w2x_jax import checkpoint
@@ -196,3 +197,27 @@ def test_coordinator_address_without_a_port_is_one_line(address):
   # Refused before JAX's initialize, which raised an IndexError traceback on it.
   with pytest.raises(distributed.DistributedError, match='must be HOST:PORT'):
     distributed.initialize(address, 2, 0)
+
+
+def test_upscale_ends_the_others_when_process_0_dies(tmp_path):
+  # Process 0 runs JAX's coordination service: its death ends the others at once (JAX's abort,
+  # README), not a hang; what they wrote is whole.
+  model = upscale_test._export(tmp_path / 'model', 2)  # pylint: disable=protected-access
+  src, dst = tmp_path / 'in', tmp_path / 'out'
+  for i in range(60):
+    upscale_test._png(str(src / f'{i:02}.png'), (40, 40, 3), seed=i)  # pylint: disable=protected-access
+  port = _free_port()
+  cmds = [[sys.executable, '-m', 'w2x_jax.upscale', '-i', str(src), '-o', str(dst), '-m',
+           str(model), *_dist_flags(port, 2, i)] for i in range(2)]
+  group = _Group(cmds, _env(1), tmp_path, 'dead0')
+  deadline = time.time() + TIMEOUT
+  while (not (dst.exists() and any(dst.iterdir())) and all(p.poll() is None for p in group.procs)
+         and time.time() < deadline):
+    time.sleep(0.05)
+  group.procs[0].send_signal(signal.SIGKILL)
+  codes = group.wait(timeout=60)
+  assert codes[0] == -signal.SIGKILL and codes[1] in (1, -signal.SIGABRT), group.outputs()
+  for path in dst.iterdir():
+    assert not path.name.startswith('.') or path.name.startswith('.w2x-'), path
+    if not path.name.startswith('.'):
+      Image.open(path).load()
