@@ -197,3 +197,14 @@ def test_command_reads_like_the_upscaler_and_refuses_bad_outputs_early(tmp_path,
   assert evaluate.main(['--model', str(model_dir), '--dataset', str(dataset), '--tile-size', '4']) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'must exceed twice' in err[0]
+
+
+def test_linked_folders_are_measured_once(tmp_path):
+  """A link loop (or a second link to a folder) had glob measure its images again and again."""
+  dataset = _dataset(tmp_path / 'mini')
+  (dataset / 'sub').mkdir()
+  (dataset / 'sub' / 'up').symlink_to('..')  # a loop back to the dataset
+  (dataset / 'again').symlink_to('sub')  # a link into the tree: its folder keeps its own name
+  (dataset / '.hidden.png').write_bytes((dataset / '0.png').read_bytes())
+  pairs = evaluate.load_dataset(str(dataset), 2, -1, warn=lambda m: None)
+  assert [name for name, _, _, _ in pairs] == ['0.png', '1.png']

@@ -82,14 +82,18 @@ def load_dataset(folder, scale, noise_level, warn=None):
   is then applied to the input either way. Images too small for SSIM after the border crop are
   skipped, each with a line to `warn`.
   """
-  import glob  # pylint: disable=g-import-not-at-top
   from w2x_jax import data  # pylint: disable=g-import-not-at-top
   from w2x_jax import image_io  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(folder):
     raise data.DataError(f'{folder}: no such dataset folder')
-  paths = sorted(p for p in glob.glob(os.path.join(folder, '**', '*'), recursive=True)
-                 if os.path.splitext(p)[1].lower() in data.IMAGE_EXTENSIONS
-                 and not os.path.splitext(p)[0].endswith(LR_SUFFIX))
+  # Each real folder once (glob's '**' went round a link loop, measuring its images again and
+  # again); hidden files left out, as glob did.
+  unlistable = lambda e: (warn or print)(f'{e.filename}: cannot list the folder, skipped: '
+                                         f'{e.strerror or e}')
+  listed = sorted(os.path.join(d, name) for d, names in image_io.walk_folder(folder, unlistable)
+                  for name in names if not name.startswith('.')
+                  and os.path.splitext(name)[1].lower() in data.IMAGE_EXTENSIONS)
+  paths = [p for p in listed if not os.path.splitext(p)[0].endswith(LR_SUFFIX)]
   pairs, unmatched = [], []
   for path in paths:
     stem, ext = os.path.splitext(path)
@@ -111,7 +115,7 @@ def load_dataset(folder, scale, noise_level, warn=None):
       lr = degrade_for_eval(hr, scale, noise_level)
     pairs.append((os.path.relpath(path, folder), lr, hr, image_io.peek(path)[2] in (1, 2)))
   if not pairs:
-    only_lr = not paths and glob.glob(os.path.join(folder, '**', f'*{LR_SUFFIX}.*'), recursive=True)
+    only_lr = not paths and listed
     hint = f' (only low-resolution {LR_SUFFIX} files: their ground truth is needed)' if only_lr else ''
     raise data.DataError(f'{folder}: no images{hint}')
   if unmatched:
