@@ -208,3 +208,16 @@ def test_linked_folders_are_measured_once(tmp_path):
   (dataset / '.hidden.png').write_bytes((dataset / '0.png').read_bytes())
   pairs = evaluate.load_dataset(str(dataset), 2, -1, warn=lambda m: None)
   assert [name for name, _, _, _ in pairs] == ['0.png', '1.png']
+
+
+def test_json_is_strict_where_a_psnr_is_infinite(tmp_path):
+  """A flat image that bicubic reproduces exactly reads inf dB (its gain nan): json.dumps had
+  written Infinity and NaN, which strict readers refuse."""
+  (tmp_path / 'flat').mkdir()
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / 'flat' / 'black.png')
+  out_json = tmp_path / 'r.json'
+  assert evaluate.main(['--model', 'bicubic', '--dataset', str(tmp_path / 'flat'),
+                        '--json', str(out_json)]) == 0
+  flat = json.loads(out_json.read_text(), parse_constant=pytest.fail)['datasets']['flat']
+  assert flat['psnr'] is None and flat['psnr_gain'] is None and flat['ssim'] == 1.0
+  assert flat['per_image'][0]['baseline_psnr'] is None

@@ -165,6 +165,16 @@ def evaluate_dataset(predict, pairs, scale, protocol='data-readme'):
   return summary, images, rows
 
 
+def json_safe(value):
+  """`value` with non-finite floats as None: JSON has no Infinity or NaN (a flat image reproduced
+  exactly reads inf dB), and strict readers (JavaScript's JSON.parse) refuse a file with them."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [json_safe(v) for v in value]
+  return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
 def make_predictor(model_name, tta, tile_size=None):
   """(predict(lr uint8) -> uint8, scale, description, the noise level it was trained for) for a
   model name/folder, or 'bicubic' (None, None, 'bicubic', None)."""
@@ -275,7 +285,7 @@ def main(argv=None):
         continue
       print(f'{"":<12} side by side (input, {baseline_name}, model, truth): {path}')
   if args.json:
-    text = json.dumps(results, indent=2).encode()
+    text = json.dumps(json_safe(results), indent=2, allow_nan=False).encode()
     try:
       image_io.atomic_write(args.json, lambda f: f.write(text))  # never a partial file
     except image_io.ImageError as e:
