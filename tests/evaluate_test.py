@@ -160,6 +160,17 @@ def test_command_errors_are_one_line(tmp_path, capsys):
   assert len(err) == 1 and 'nomodel' in err[0]
 
 
+def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(evaluate, 'load_dataset', interrupted)
+  json_path = tmp_path / 'out.json'
+  assert evaluate.main(['--model', 'bicubic', '--dataset', str(tmp_path), '--json',
+                        str(json_path)]) == 130
+  assert capsys.readouterr().err.strip() == 'w2x_jax.evaluate: interrupted'
+  assert not json_path.exists()
+
+
 def test_command_reads_like_the_upscaler_and_refuses_bad_outputs_early(tmp_path, capsys):
   """16-bit grey scaled (not clipped), a sliver skipped with a line, a truncated file named, two
   folders of one name both kept, and unwritable outputs refused before any work."""

@@ -193,6 +193,16 @@ def make_predictor(model_name, tta, tile_size=None):
 
 
 def main(argv=None):
+  """The command; Ctrl+C ends it in one line, exit 130 (the --json file is written only at the
+  end, so it is never partial)."""
+  try:
+    return _main(argv)
+  except KeyboardInterrupt:
+    print('w2x_jax.evaluate: interrupted', file=sys.stderr)
+    return 130
+
+
+def _main(argv):
   parser = argparse.ArgumentParser(
       prog='w2x_jax.evaluate', description='PSNR/SSIM (Y channel, border cropped) of a model and of '
       'bicubic on the same inputs, per dataset.')
