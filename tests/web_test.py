@@ -652,7 +652,9 @@ def test_folders_of_servers_that_were_killed_are_removed_at_start(tmp_path, caps
   dead.wait()
   host = socket.gethostname()
   names = {'stale': f'w2x-web-{host}-{dead.pid}-abc', 'running': f'w2x-web-{host}-{os.getpid()}-def',
-           'other_host': f'w2x-web-{host}x-{dead.pid}-ghi', 'not_ours': f'w2x-web-{host}-x-jkl'}
+           'other_host': f'w2x-web-{host}x-{dead.pid}-ghi', 'not_ours': f'w2x-web-{host}-x-jkl',
+           # host HOST-PID's folder (a shared disk): not this host's process PID
+           'longer_host': f'w2x-web-{host}-{dead.pid}-{os.getpid()}-mno'}
   for name in names.values():
     os.makedirs(tmp_path / name / 'job-1')
   assert web.remove_stale_temp_dirs(str(tmp_path)) == 1

@@ -222,10 +222,12 @@ def remove_stale_temp_dirs(temp_dir=None):
   removing them (killed, or the machine stopped); returns how many. Other hosts' folders (a
   shared disk) and those of running servers are left alone."""
   temp_dir = temp_dir or tempfile.gettempdir()
-  pattern = re.compile(re.escape(_temp_prefix('')[:-1]) + r'(\d+)-')
+  # The whole name, mkdtemp's suffix included: host 'node' must not read host 'node-2''s
+  # w2x-web-node-2-PID-xxxxxxxx as the folder of its own process 2.
+  pattern = re.compile(re.escape(_temp_prefix('')[:-1]) + r'(\d+)-[a-z0-9_]+')
   removed = 0
   for name in os.listdir(temp_dir):
-    match = pattern.match(name)
+    match = pattern.fullmatch(name)
     if not match or not os.path.isdir(os.path.join(temp_dir, name)):
       continue
     try:
