@@ -647,7 +647,7 @@ def test_stop_removes_the_temporary_folder(server):
   assert server.output.rstrip().endswith('w2x_jax.web: stopped')
 
 
-def test_folders_of_servers_that_were_killed_are_removed_at_start(tmp_path, capsys):
+def test_folders_of_servers_that_were_killed_are_removed_at_start(tmp_path, capsys, monkeypatch):
   dead = subprocess.Popen([sys.executable, '-c', 'pass'])
   dead.wait()
   host = socket.gethostname()
@@ -660,6 +660,17 @@ def test_folders_of_servers_that_were_killed_are_removed_at_start(tmp_path, caps
   assert web.remove_stale_temp_dirs(str(tmp_path)) == 1
   assert sorted(os.listdir(tmp_path)) == sorted(v for k, v in names.items() if k != 'stale')
   assert 'removed 1 temporary folder(s)' in capsys.readouterr().err
+  # Another user's (a shared /tmp): left alone, not said as removed at every start.
+  os.makedirs(tmp_path / names['stale'])
+  (tmp_path / 'link').mkdir()
+  os.symlink(tmp_path / 'link', tmp_path / f'w2x-web-{host}-{dead.pid}-lnk')
+  uid = os.getuid()
+  monkeypatch.setattr(os, 'getuid', lambda: uid + 1)
+  assert web.remove_stale_temp_dirs(str(tmp_path)) == 0
+  monkeypatch.undo()
+  assert os.path.isdir(tmp_path / names['stale'])
+  assert web.remove_stale_temp_dirs(str(tmp_path)) == 1  # the link is no server's folder
+  assert os.path.isdir(tmp_path / 'link')
 
 
 def test_no_model_installed(tmp_path, browser_or_none):

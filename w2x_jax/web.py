@@ -26,6 +26,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -218,9 +219,9 @@ def _temp_prefix(pid):
 
 
 def remove_stale_temp_dirs(temp_dir=None):
-  """Removes the temporary folders (uploads, results) of this host's servers that ended without
-  removing them (killed, or the machine stopped); returns how many. Other hosts' folders (a
-  shared disk) and those of running servers are left alone."""
+  """Removes the temporary folders (uploads, results) of this user's servers on this host that
+  ended without removing them (killed, or the machine stopped); returns how many. Other hosts' and
+  users' folders (a shared disk, a shared /tmp) and those of running servers are left alone."""
   temp_dir = temp_dir or tempfile.gettempdir()
   # The whole name, mkdtemp's suffix included: host 'node' must not read host 'node-2''s
   # w2x-web-node-2-PID-xxxxxxxx as the folder of its own process 2.
@@ -228,7 +229,13 @@ def remove_stale_temp_dirs(temp_dir=None):
   removed = 0
   for name in os.listdir(temp_dir):
     match = pattern.fullmatch(name)
-    if not match or not os.path.isdir(os.path.join(temp_dir, name)):
+    try:
+      st = os.lstat(os.path.join(temp_dir, name))
+    except OSError:
+      continue
+    # This user's folders only: another user's killed server's (a shared /tmp) cannot be
+    # removed, and had been counted and said as removed at every start; a link is no server's.
+    if not match or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
       continue
     try:
       os.kill(int(match.group(1)), 0)
