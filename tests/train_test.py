@@ -593,6 +593,8 @@ def test_a_workdir_in_use_is_refused_and_freed_with_its_run(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='model: holds an exported model'):
     train.train_and_evaluate(tiny_config(tmp_path, num_steps=2), str(model))
   assert (model / checkpoint.CONFIG_FILE).read_text() == before
+  # Nothing added (a .lock had made export_model refuse the folder as not an export).
+  assert sorted(os.listdir(model)) == sorted([checkpoint.CONFIG_FILE, checkpoint.PARAMS_FILE])
   # A file system without locks: the run goes on, with a warning.
   def no_locks(*_):
     raise OSError(errno.ENOLCK, 'No locks available')

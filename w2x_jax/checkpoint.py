@@ -50,7 +50,9 @@ LOCK_FILE = '.lock'
 def lock_workdir(workdir):
   """An open file holding an exclusive lock on `workdir` (released by close() or when the process
   ends, even by SIGKILL); CheckpointError if another run holds it: two runs in one workdir would
-  overwrite each other's checkpoints and metrics."""
+  overwrite each other's checkpoints and metrics. An exported model's folder is refused first:
+  a lock file left in it, export_model would no longer replace it."""
+  _refuse_export(workdir)
   f = open(os.path.join(workdir, LOCK_FILE), 'a+', encoding='ascii')  # pylint: disable=consider-using-with
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,14 +96,18 @@ def has_checkpoint(workdir):
   return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
 
 
-def save_run_config(workdir, config):
-  """Writes the run's config beside its checkpoints; refuses one whose checkpoints it could not
-  resume (another model, another optimizer state), and an exported model's folder. A workdir
-  without a checkpoint yet (a run that stopped before its first) takes the new config."""
+def _refuse_export(workdir):
   if os.path.exists(os.path.join(workdir, PARAMS_FILE)):
     # Its config.json would be replaced by the run's, leaving params it no longer describes.
     raise CheckpointError(f'{workdir}: holds an exported model ({PARAMS_FILE}); use another '
                           '--workdir (config.train.init_from starts a run from this model)')
+
+
+def save_run_config(workdir, config):
+  """Writes the run's config beside its checkpoints; refuses one whose checkpoints it could not
+  resume (another model, another optimizer state), and an exported model's folder. A workdir
+  without a checkpoint yet (a run that stopped before its first) takes the new config."""
+  _refuse_export(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   live = config_to_dict(config)
   if os.path.exists(path) and has_checkpoint(workdir):
