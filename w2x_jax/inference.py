@@ -283,9 +283,9 @@ class Upscaler:
     return self._fns[key]
 
   def __call__(self, image, *, tta=False, progress=None, out_dtype=np.float32, out=None):
-    """Upscales an HxWxC float image in [0, 1] (integer arrays: over their dtype's range, see
-    `_check_image`); returns (H*s, W*s, C) of `out_dtype` (floats clipped to [0, 1], or
-    uint8/uint16 over their full range), written into `out` if given.
+    """Upscales an HxWxC float image in [0, 1] (unsigned integer arrays: over their dtype's
+    range, see `_check_image`); returns (H*s, W*s, C) of `out_dtype` (floats clipped to [0, 1],
+    or uint8/uint16 over their full range), written into `out` if given.
     `progress(done_tiles, total_tiles)` is called after each batch."""
     return self._run(_check_image(image), tta, progress, out_dtype, out)
 
