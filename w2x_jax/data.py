@@ -174,8 +174,9 @@ def load_images(folder, min_size, *, num_threads=4):
   """Every image under `folder` (recursive, linked folders followed once each, hidden folders
   skipped) as uint8 HxWx3, sorted by relative path.
 
-  Files that cannot be decoded and images with a side below `min_size` are skipped with a warning;
-  a missing folder or one with no usable image raises DataError.
+  Files that cannot be decoded, images with a side below `min_size` and subfolders that cannot
+  be listed are skipped with a warning; a missing folder or one with no usable image raises
+  DataError.
   """
   root = pathlib.Path(folder)
   if not root.exists():
