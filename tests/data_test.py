@@ -149,7 +149,6 @@ def test_jpeg_qualities_by_level():
   np.testing.assert_allclose(counts, [0.6, 0.3, 0.1], atol=0.03)
 
 
-
 def test_chroma_subsampling_is_one_per_pair(images, monkeypatch):
   """As waifu2x and nunif: the pair's encodings share one subsampling (both kinds are drawn)."""
   calls, jpeg = [], data._jpeg  # pylint: disable=protected-access
@@ -162,6 +161,7 @@ def test_chroma_subsampling_is_one_per_pair(images, monkeypatch):
     assert len(set(calls)) == 1, calls
     layouts.add(calls[0])
   assert layouts == {0, 2}  # 4:4:4 and 4:2:0
+
 
 # --- pairs and batches -------------------------------------------------------------------------------
 
