@@ -470,14 +470,19 @@ def test_results_stay_while_others_use_the_server_and_jobs_say_what_they_left(se
   assert (done['result']['width'], done['result']['height']) == (32, 40)
 
 
+def _server_in_process(files, tmp_path):
+  """A web.Server of the test models in this process (no HTTP): its requests called directly."""
+  return web.Server(web.parse_args(['--model', str(files['models']), '--weights-dir',
+                                    str(tmp_path / 'none'), '--tile-size', TILE, '--temp-dir',
+                                    str(tmp_path)]))
+
+
 def test_an_upload_whose_page_left_is_not_run(files, tmp_path):
   """Sent whole, then gone before the answer (Cancel while "Uploading", a closed tab): no job
   runs for nobody, holding the queue. (In process: the request's next message says it left.)"""
   import asyncio  # pylint: disable=g-import-not-at-top
   from starlette.requests import Request  # pylint: disable=g-import-not-at-top
-  args = web.parse_args(['--model', str(files['models']), '--weights-dir', str(tmp_path / 'none'),
-                         '--tile-size', TILE, '--temp-dir', str(tmp_path)])
-  server = web.Server(args)
+  server = _server_in_process(files, tmp_path)
   try:
     messages = [{'type': 'http.request', 'body': _png_bytes((20, 16)), 'more_body': False}]
 
@@ -511,9 +516,7 @@ def _queue_in_process(server, body, query, name):
 
 def test_an_image_over_the_free_memory_is_an_error_not_run(files, tmp_path, monkeypatch):
   """As the command refuses it: run, it had the server killed for memory, every job with it."""
-  args = web.parse_args(['--model', str(files['models']), '--weights-dir', str(tmp_path / 'none'),
-                         '--tile-size', TILE, '--temp-dir', str(tmp_path)])
-  server = web.Server(args)
+  server = _server_in_process(files, tmp_path)
   try:
     monkeypatch.setattr(upscale, 'available_memory', lambda: 1 << 20)  # 1 MB free
     job = _queue_in_process(server, _png_bytes((150, 150)), b'model=m0&scale=4', b'huge.png')
@@ -529,9 +532,7 @@ def test_an_image_over_the_free_memory_is_an_error_not_run(files, tmp_path, monk
 def test_a_job_cancelled_while_its_result_is_written_keeps_no_result(files, tmp_path, monkeypatch):
   """Cancel after the last tile (the page says "Cancelled."): the job had ended 'done', its result
   kept for 30 minutes."""
-  args = web.parse_args(['--model', str(files['models']), '--weights-dir', str(tmp_path / 'none'),
-                         '--tile-size', TILE, '--temp-dir', str(tmp_path)])
-  server = web.Server(args)
+  server = _server_in_process(files, tmp_path)
   try:
     write = web.image_io.write_image
 
