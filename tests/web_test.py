@@ -672,6 +672,13 @@ def test_folders_of_servers_that_were_killed_are_removed_at_start(tmp_path, caps
   assert os.path.isdir(tmp_path / names['stale'])
   assert web.remove_stale_temp_dirs(str(tmp_path)) == 1  # the link is no server's folder
   assert os.path.isdir(tmp_path / 'link')
+  assert web.remove_stale_temp_dirs(str(tmp_path / 'gone')) == 0  # unlistable: not a failed start
+  # --temp-dir must be readable too (where killed servers' folders are looked for); as root,
+  # os.access says yes to all, so it answers as for a write-only folder here.
+  monkeypatch.setattr(os, 'access', lambda path, mode: not mode & os.R_OK)
+  with pytest.raises(SystemExit):
+    web.parse_args(['--temp-dir', str(tmp_path)])
+  assert 'not readable and writable' in capsys.readouterr().err
 
 
 def test_no_model_installed(tmp_path, browser_or_none):

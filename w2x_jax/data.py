@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from w2x_jax import image_io
+from w2x_jax import processes
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
 NOISE_LEVELS = (-1, 0, 1, 2, 3)
@@ -409,16 +410,6 @@ def shm_free_bytes():
   return stat.f_bavail * stat.f_frsize
 
 
-def _pid_alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except (PermissionError, OverflowError):
-    return pid <= 2 ** 31 - 1  # someone else's process, or no process at all
-  return True
-
-
 def remove_stale_blocks():
   """Removes our blocks whose creator is gone: killed together with its resource tracker (say, by
   a SIGKILL to its process group), it could not unlink them, and they would hold memory until reboot."""
@@ -428,7 +419,7 @@ def remove_stale_blocks():
     return
   for name in names:
     pid = name[len(SHM_PREFIX):].split('_', 1)[0]
-    if name.startswith(SHM_PREFIX) and pid.isdigit() and not _pid_alive(int(pid)):
+    if name.startswith(SHM_PREFIX) and pid.isdigit() and not processes.pid_alive(int(pid)):
       try:
         os.remove(os.path.join(SHM_DIR, name))
         logging.warning('Removed %s, shared memory left by a killed training process', name)

@@ -49,6 +49,7 @@ from w2x_jax import compilation_cache
 from w2x_jax import conv
 from w2x_jax import image_io
 from w2x_jax import inference
+from w2x_jax import processes
 from w2x_jax import upscale
 
 PROG = 'w2x_jax.web'
@@ -64,7 +65,8 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web_stati
 STATIC_TYPES = {'.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8',
                 '.css': 'text/css; charset=utf-8'}
 MEDIA_TYPES = {'png': 'image/png', 'webp': 'image/webp', 'jpeg': 'image/jpeg'}
-UNSAFE_FORMATS = ('EPS',)  # Pillow decodes them with an external program (Ghostscript)
+# Formats Pillow decodes with an external program (Ghostscript), by their kind of content.
+UNSAFE_FORMATS = {'EPS': 'PostScript'}
 SHIPPED_ID = 'shipped'
 MAX_PAGE_SCALE = 4  # the page offers 1x, 2x and 4x: 8x of a large image would not fit memory
 KEEP_SECONDS = 30 * 60  # a finished job's files are removed after this ...
@@ -227,7 +229,11 @@ def remove_stale_temp_dirs(temp_dir=None):
   # w2x-web-node-2-PID-xxxxxxxx as the folder of its own process 2.
   pattern = re.compile(re.escape(_temp_prefix('')[:-1]) + r'(\d+)-[a-z0-9_]+')
   removed = 0
-  for name in os.listdir(temp_dir):
+  try:
+    names = os.listdir(temp_dir)
+  except OSError:  # the system's temporary folder unlistable: nothing to clear, not a failed start
+    return 0
+  for name in names:
     match = pattern.fullmatch(name)
     try:
       st = os.lstat(os.path.join(temp_dir, name))
@@ -237,13 +243,8 @@ def remove_stale_temp_dirs(temp_dir=None):
     # removed, and had been counted and said as removed at every start; a link is no server's.
     if not match or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
       continue
-    try:
-      os.kill(int(match.group(1)), 0)
+    if processes.pid_alive(int(match.group(1))):
       continue  # that server (or a process that took its id) still runs
-    except ProcessLookupError:
-      pass
-    except (PermissionError, OverflowError):
-      continue  # alive, another user's
     shutil.rmtree(os.path.join(temp_dir, name), ignore_errors=True)
     removed += 1
   if removed:
@@ -485,7 +486,7 @@ class Server:
         if im.format in UNSAFE_FORMATS:
           # Pillow runs Ghostscript on PostScript: uploaded code, which can loop for ever (the
           # decode below held every later upload, and the server's exit, with it).
-          raise RequestError(415, f'{job.name}: {im.format} (PostScript) is not accepted here; '
+          raise RequestError(415, f'{job.name}: {im.format} ({UNSAFE_FORMATS[im.format]}) is not accepted here; '
                              'convert it to PNG first')
         width, height = im.size
         if width * height > self.max_pixels:
@@ -739,8 +740,8 @@ def _folder(text):
   (the folder is made after them: a traceback there)."""
   if not os.path.isdir(text):
     raise argparse.ArgumentTypeError(f'{text}: no such folder')
-  if not os.access(text, os.W_OK | os.X_OK):
-    raise argparse.ArgumentTypeError(f'{text}: not writable')
+  if not os.access(text, os.R_OK | os.W_OK | os.X_OK):  # read: killed servers' folders are looked for
+    raise argparse.ArgumentTypeError(f'{text}: not readable and writable')
   return text
 
 
