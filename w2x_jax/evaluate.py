@@ -215,7 +215,7 @@ def _main(argv):
                       help='JPEG noise on the input at fixed qualities per level (default: the '
                       'level the model was trained for; -1 for bicubic): '
                       + ', '.join(f'{k}: {list(v)}' for k, v in EVAL_JPEG_QUALITIES.items()))
-  positive = upscale._positive  # pylint: disable=protected-access (the command's own check)
+  positive = upscale.positive_int
   parser.add_argument('--scale', type=positive, default=2,
                       help='for bicubic (models have their own)')
   parser.add_argument('--tta', action='store_true', help='average the 8 flips and rotations')

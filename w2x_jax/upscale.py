@@ -521,7 +521,8 @@ def _scale(text):
   return int(value) if value.is_integer() else value
 
 
-def _positive(text):
+def positive_int(text):
+  """An argparse type: an integer >= 1 (also the web page's and the evaluate command's)."""
   value = int(text)
   if value < 1:
     raise argparse.ArgumentTypeError(f'{value} must be >= 1')
@@ -550,16 +551,16 @@ def parse_args(argv=None):
                  'passes do not reach exactly (1.5, 3) takes one pass more and a Lanczos downscale '
                  f'(default {DEFAULT_SCALE}; with -m: passes of that model, one for a scale-1 model, '
                  f'-m noiseN, and Lanczos the whole resize; at most {MAX_SCALE})')
-  p.add_argument('--width', type=_positive, help='output width: 2x passes, then a Lanczos '
+  p.add_argument('--width', type=positive_int, help='output width: 2x passes, then a Lanczos '
                  'downscale to it (with --height alone, the aspect ratio is kept; with a scale-1 '
                  'model, -m noiseN, one pass and Lanczos does the whole resize)')
-  p.add_argument('--height', type=_positive, help='output height (see --width)')
+  p.add_argument('--height', type=positive_int, help='output height (see --width)')
   p.add_argument('-m', '--model', help='a shipped model name or a checkpoint folder; it does every '
                  'pass')
-  p.add_argument('--tile-size', type=_positive, default=inference.DEFAULT_TILE_SIZE,
+  p.add_argument('--tile-size', type=positive_int, default=inference.DEFAULT_TILE_SIZE,
                  help='tile side in input pixels, margins included (default %(default)s; more '
                  'than twice the model\'s margin, which the run prints)')
-  p.add_argument('--batch-size', type=_positive, default=None,
+  p.add_argument('--batch-size', type=positive_int, default=None,
                  help='tiles per step, rounded up to a multiple of the devices (default: one '
                  'per device)')
   p.add_argument('--tta', action='store_true',
@@ -578,7 +579,7 @@ def parse_args(argv=None):
       'and takes every n-th file; process 0 prints the summary of all')
   g.add_argument('--coordinator_address', '--coordinator-address', metavar='HOST:PORT',
                  help="process 0's address, to join a multi-process run")
-  g.add_argument('--num_processes', '--num-processes', type=_positive, metavar='N',
+  g.add_argument('--num_processes', '--num-processes', type=positive_int, metavar='N',
                  help='processes in the run')
   g.add_argument('--process_id', '--process-id', type=int, metavar='I',
                  help="this process's index in [0, N)")

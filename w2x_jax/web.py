@@ -767,7 +767,7 @@ def parse_args(argv=None):
                  f'{DEFAULT_MAX_PIXELS})')
   p.add_argument('--max-upload', type=parse_bytes, default=parse_bytes(DEFAULT_MAX_UPLOAD),
                  metavar='SIZE', help=f'largest upload, e.g. 100M (default {DEFAULT_MAX_UPLOAD})')
-  positive = upscale._positive  # pylint: disable=protected-access (the command's own check)
+  positive = upscale.positive_int
   p.add_argument('--max-queue', type=positive, default=DEFAULT_MAX_QUEUE,
                  help='jobs waiting or running at most (default %(default)s)')
   p.add_argument('--upload-timeout', type=positive, default=DEFAULT_UPLOAD_TIMEOUT, metavar='S',
