@@ -2,7 +2,7 @@
 
 Every process runs the same command with its own `process_id`; process 0's host serves as the
 coordinator. With none of the three values given the run is a single process, unless
-`auto=True` (`--distributed=auto`, or W2X_DISTRIBUTED=auto) asks JAX to read them from the
+`mode='auto'` (`--distributed=auto`, or W2X_DISTRIBUTED=auto) asks JAX to read them from the
 cluster (SLURM, Open MPI, TPU pods, ...). On CPU, the processes exchange gradients over gloo
 (TCP); on GPU over NCCL.
 """
