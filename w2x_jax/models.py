@@ -5,9 +5,10 @@ Every model is called as `model.apply({'params': params}, x)` with `x` NHWC in [
 
 Conventions shared by both models:
 - every convolution goes through `Conv`, which calls one function: the `conv_fn` given to
-  `build_model`, else `conv.get_conv_fn(model_cfg.get('conv', 'auto'))` (on CPU, XLA's convolution
-  forward with a matmul backward pass), so a faster convolution can be swapped in without touching
-  the architectures (`valid=True` models run their 3x3 convolutions by `conv.conv2d_valid`, which
+  `build_model`, else `conv.get_conv_fn(model_cfg.get('conv', 'auto'))` (on CPU, per layer:
+  Winograd where it was measured faster, else XLA's convolution forward with a matmul backward
+  pass), so a faster convolution can be swapped in without touching the architectures
+  (`valid=True` models run their 3x3 convolutions by `conv.conv2d_valid`, which
   follows `conv_fn`'s choice of Winograd, else XLA's);
 - convolutions are stride 1 with SAME (zero) padding (`valid=True`, for tiles: none, see
   `center`); params are float32, the convolutions compute
