@@ -90,9 +90,7 @@ def load_dataset(folder, scale, noise_level, warn=None):
   # again); hidden files left out, as glob did.
   unlistable = lambda e: (warn or print)(f'{e.filename}: cannot list the folder, skipped: '
                                          f'{e.strerror or e}')
-  listed = sorted(os.path.join(d, name) for d, names in image_io.walk_folder(folder, unlistable)
-                  for name in names if not name.startswith('.')
-                  and os.path.splitext(name)[1].lower() in data.IMAGE_EXTENSIONS)
+  listed = sorted(image_io.list_files(folder, data.IMAGE_EXTENSIONS, unlistable))
   paths = [p for p in listed if not os.path.splitext(p)[0].endswith(LR_SUFFIX)]
   pairs, unmatched = [], []
   for path in paths:

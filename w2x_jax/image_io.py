@@ -324,6 +324,15 @@ def walk_folder(root, onerror=None, skip=()):
     yield folder, sorted(files)
 
 
+def list_files(root, suffixes, onerror=None, skip=()):
+  """Paths of the files under `root` (walk_folder's folders, in its order) whose lower-case suffix
+  is in `suffixes`; hidden files are left out (notes, thumbnail databases, our own temporary
+  files)."""
+  return [os.path.join(folder, name) for folder, names in walk_folder(root, onerror, skip)
+          for name in names
+          if not name.startswith('.') and os.path.splitext(name)[1].lower() in suffixes]
+
+
 def _check_regular_file(path):
   """ImageError unless `path` is a regular file: a pipe or a device named like an image would
   block open() or read() for ever."""

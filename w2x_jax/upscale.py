@@ -115,7 +115,6 @@ def list_jobs(input_path, output, fmt, errors=None):
   Folders that cannot be listed are appended to `errors`, one line each; a list file that cannot
   be read raises OSError."""
   if os.path.isdir(input_path):
-    suffixes = _image_suffixes()
     jobs = []
 
     def cannot_list(e):
@@ -123,13 +122,9 @@ def list_jobs(input_path, output, fmt, errors=None):
         errors.append(f'{e.filename}: cannot list the folder: {e.strerror or e}')
 
     # The output tree is skipped where it lies inside the input.
-    for root, files in image_io.walk_folder(input_path, cannot_list, skip=[output]):
-      for name in files:
-        if name.startswith('.') or os.path.splitext(name)[1].lower() not in suffixes:
-          continue  # not an image (notes, thumbnails databases, our own temporary files)
-        src = os.path.join(root, name)
-        rel = os.path.relpath(src, input_path)
-        jobs.append((src, os.path.join(output, _output_name(rel, fmt))))
+    for src in image_io.list_files(input_path, _image_suffixes(), cannot_list, skip=[output]):
+      rel = os.path.relpath(src, input_path)
+      jobs.append((src, os.path.join(output, _output_name(rel, fmt))))
     return jobs
   if os.path.splitext(input_path)[1].lower() in LIST_SUFFIXES and os.path.isfile(input_path):
     base = os.path.dirname(input_path)
