@@ -82,7 +82,7 @@ def check_config(config):
       raise ConfigError(f'config.{name}={value!r}: must be > 0')
   choices = {'train.loss': (tc.loss, losses.LOSS_NAMES), 'train.optimizer': (tc.optimizer, ('adam', 'adamw')),
              'train.schedule': (tc.schedule, ('constant', 'cosine', 'step')),
-             'data.noise_level': (dc.noise_level, (-1, 0, 1, 2, 3)),
+             'data.noise_level': (dc.noise_level, data.NOISE_LEVELS),
              'model.scale': (config.model.scale, (1, 2, 3, 4)), 'model.channels': (config.model.channels, (1, 3))}
   for name, (value, allowed) in choices.items():
     if value not in allowed:
