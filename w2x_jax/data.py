@@ -522,15 +522,15 @@ class _WorkerPool:
   def close(self):
     if self.executor is not None:
       # A worker finishes the batch in hand and exits; one that hangs is killed, not waited on.
-      processes = list((getattr(self.executor, '_processes', None) or {}).values())
+      workers = list((getattr(self.executor, '_processes', None) or {}).values())
       if getattr(self.executor, '_broken', False):
         # A worker died: the executor's thread terminates and joins the rest, holding the lock that
         # shutdown() takes. No need to wait for that.
-        for process in processes:
+        for process in workers:
           process.kill()
       self.executor.shutdown(wait=False, cancel_futures=True)
       deadline = time.monotonic() + self._JOIN_S
-      for process in processes:
+      for process in workers:
         process.join(max(0.0, deadline - time.monotonic()))
         if process.is_alive():
           process.kill()
