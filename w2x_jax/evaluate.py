@@ -31,6 +31,13 @@ def jpeg_roundtrip(image_uint8, quality):
     return np.asarray(im.convert('RGB'))
 
 
+def add_eval_noise(lr_uint8, noise_level):
+  """A model input with the level's fixed JPEG noise (EVAL_JPEG_QUALITIES, encoded in order)."""
+  for quality in EVAL_JPEG_QUALITIES[noise_level]:
+    lr_uint8 = jpeg_roundtrip(lr_uint8, quality)
+  return lr_uint8
+
+
 def degrade_for_eval(hr_uint8, scale, noise_level):
   """The model's input for a ground-truth image: Pillow bicubic downscale, then the level's JPEG noise."""
   hr = crop_to_multiple(hr_uint8, scale)
@@ -38,9 +45,7 @@ def degrade_for_eval(hr_uint8, scale, noise_level):
   if scale > 1:
     h, w = hr.shape[:2]
     lr = np.asarray(Image.fromarray(hr).resize((w // scale, h // scale), Image.Resampling.BICUBIC))
-  for quality in EVAL_JPEG_QUALITIES[noise_level]:
-    lr = jpeg_roundtrip(lr, quality)
-  return lr
+  return add_eval_noise(lr, noise_level)
 
 
 def bicubic_upscale(lr_uint8, scale):
@@ -107,8 +112,7 @@ def load_dataset(folder, scale, noise_level, warn=None):
       unmatched.append(lr_path)  # made for another scale (the benchmarks' are 2x): not used
       lr = None
     if lr is not None:
-      for quality in EVAL_JPEG_QUALITIES[noise_level]:
-        lr = jpeg_roundtrip(lr, quality)
+      lr = add_eval_noise(lr, noise_level)
     else:
       lr = degrade_for_eval(hr, scale, noise_level)
     pairs.append((os.path.relpath(path, folder), lr, hr, image_io.peek(path)[2] in (1, 2)))
