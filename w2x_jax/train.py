@@ -27,6 +27,7 @@ from w2x_jax import conv
 from w2x_jax import data
 from w2x_jax import distributed
 from w2x_jax import evaluate
+from w2x_jax import image_io
 from w2x_jax import losses
 from w2x_jax import metrics as metrics_lib
 from w2x_jax import models
@@ -278,9 +279,7 @@ class Validator:
     if self.channels == 1:  # a luma model: show its Y with bicubic's colour
       outputs = [_with_chroma_of(o, b) for o, b in zip(outputs, self.bicubic)]
     picture = evaluate.side_by_side(list(zip(self.lr, self.bicubic, outputs, self.hr)), self.scale)
-    tmp = path + '.tmp.png'
-    Image.fromarray(picture).save(tmp)
-    os.replace(tmp, path)
+    image_io.atomic_write(path, lambda f: Image.fromarray(picture).save(f, 'PNG'))
 
 
 def _with_chroma_of(luma_rgb, colour_rgb):
@@ -306,10 +305,8 @@ class MetricsLog:
       self._rewrite([r for r in self.rows() if r['step'] <= resume_step])
 
   def _rewrite(self, rows):
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in rows)
-    os.replace(tmp, self.path)
+    text = ''.join(json.dumps(r) + '\n' for r in rows).encode()
+    image_io.atomic_write(self.path, lambda f: f.write(text))
 
   def write(self, step, **values):
     if self.enabled:
@@ -353,10 +350,8 @@ def write_plot(rows, path):
     ax2.legend()
   ax2.set(xlabel='step', ylabel='PSNR (dB, Y)', title='validation')
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=80)
+  image_io.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=80))
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def load_datasets(config):
