@@ -76,10 +76,12 @@ def parse_flags(argv):
   except (KeyError, ValueError, TypeError, AttributeError) as e:
     missing = e if isinstance(e, KeyError) else e.args[0] if e.args else None
     if isinstance(missing, KeyError):  # an unknown field: ml_collections names its last part only
-      key = str(missing.args[0]).strip("'") if missing.args else ''
+      # ("'num_step'", or with a near name "'num_step'\nDid you mean "num_steps" instead of ...?")
+      key, _, hint = str(missing.args[0]).partition('\n') if missing.args else ('', '', '')
+      key = key.strip("'")
       flag = next((arg.split('=')[0] for arg in argv if arg.startswith('--config.')
                    and arg.split('=')[0].endswith('.' + key)), key)
-      sys.exit(f'main.py: error: unknown config field {flag}')
+      sys.exit(f'main.py: error: unknown config field {flag}' + (f'. {hint}' if hint else ''))
     sys.exit(f'main.py: error: bad config override: {e}')
 
 

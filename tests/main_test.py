@@ -46,6 +46,12 @@ def test_unknown_field_is_one_clear_line(tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
       'main.py: error: unknown config field --config.train.no_such_field'], result.stderr
+  # A near name: ml_collections' suggestion, on the same line as the whole flag.
+  result = run_main('--config=configs/test.py', '--config.train.num_step=5', f'--workdir={tmp_path}')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      'main.py: error: unknown config field --config.train.num_step. Did you mean "num_steps" '
+      'instead of "num_step"?'], result.stderr
 
 
 def test_bad_config_argument_is_one_clear_line(tmp_path):
