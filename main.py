@@ -36,9 +36,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 class _QuietLibraries(pylogging.Filter):
   """Keeps Orbax's per-save INFO chatter out of the training log; its warnings still show, but
   for the one at each checkpoint saved without a validation (eval_every != checkpoint_every, a
-  stop between validations): such a checkpoint is simply not ranked among the best."""
+  stop between validations): such a checkpoint is simply not ranked among the best. Also JAX's
+  INFO lines on the backends it tries and skips ('tpu', 'proxy' on every CPU machine): nothing to
+  act on; where a GPU or TPU is present and fails, JAX warns on its own."""
 
   def filter(self, record):
+    if record.pathname.endswith('/jax/_src/xla_bridge.py'):
+      return (record.levelno >= pylogging.WARNING
+              or not record.getMessage().startswith('Unable to initialize backend'))
     if '/orbax/' not in record.pathname:
       return True
     return record.levelno >= pylogging.WARNING and 'did not provide metrics' not in record.getMessage()

@@ -114,6 +114,12 @@ def test_training_log_keeps_orbax_warnings_but_the_unranked_checkpoint():
   assert not keep(record(logging.WARNING, 'Requested `tracked_metric`; did not provide metrics.'))
   assert keep(record(logging.WARNING, 'Something else went wrong'))
   assert keep(record(logging.INFO, 'step 2/8  loss 0.1', path='/work/w2x_jax/train.py'))
+  # The backends JAX skips on a CPU machine; its warnings (a GPU that failed) still show.
+  bridge = '/venv/site-packages/jax/_src/xla_bridge.py'
+  assert not keep(record(logging.INFO, "Unable to initialize backend 'tpu': INTERNAL: Failed to "
+                         'open libtpu.so', path=bridge))
+  assert keep(record(logging.WARNING, 'An NVIDIA GPU may be present on this machine, but a '
+                     'CUDA-enabled jaxlib is not installed. Falling back to cpu.', path=bridge))
 
 
 def test_scripts_elsewhere_import_the_package(tmp_path):
