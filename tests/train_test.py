@@ -115,6 +115,29 @@ def test_one_device_equals_four(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
 
 
+def test_throughput_leaves_out_the_first_steps_compilation(tmp_path, monkeypatch):
+  # A first step that takes 1000 s to compile: the first line's patches/s (and so its ETA) is
+  # the steps' after it, as the lines after it are.
+  clock = [0.0]
+  monkeypatch.setattr(train, 'time', mock.Mock(time=lambda: time.time() + clock[0]))
+  make_train_step = train.make_train_step
+
+  def slow_to_compile(config):
+    step = make_train_step(config)
+
+    def traced(state, batch):
+      clock[0] += 1000  # runs once: while jit traces the step, before it compiles it
+      return step(state, batch)
+    return traced
+  monkeypatch.setattr(train, 'make_train_step', slow_to_compile)
+  config = tiny_config(make_image_folder(tmp_path / 'images'), num_steps=4, log_every=2)
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / train.METRICS_FILE)]
+  assert clock[0] == 1000
+  assert [r['step'] for r in rows if 'patches_per_s' in r] == [2, 4]
+  assert all(r['patches_per_s'] > 1 for r in rows if 'patches_per_s' in r), rows
+
+
 def test_metrics_plot_restore_and_export(tmp_path, caplog, capsys):
   folder = make_image_folder(tmp_path / 'images')
   workdir = tmp_path / 'run'

@@ -570,6 +570,11 @@ def _train(config, workdir, devices):
         state, step_metrics = train_step(state, shard_batch(batch, mesh))
         step = step_index + 1
         pending.append(step_metrics)
+        if step == start_step + 1 and last_step != step:
+          # The first step's time is mostly compiling (seconds to minutes): counted in the first
+          # window, it made that line's patches/s too low and its ETA too long.
+          jax.block_until_ready(step_metrics)
+          last_time, last_step = time.time(), step
         if step % tc.log_every == 0 or step == tc.num_steps:
           log_losses()
         val = None
