@@ -138,6 +138,19 @@ def test_throughput_leaves_out_the_first_steps_compilation(tmp_path, monkeypatch
   assert all(r['patches_per_s'] > 1 for r in rows if 'patches_per_s' in r), rows
 
 
+def test_plot_draws_a_single_point(tmp_path, monkeypatch):
+  # A run's first picture holds one validation (and, with log_every = eval_every, one loss): each
+  # curve, bicubic's too, must show it, not a line between no two points.
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  figures = []
+  monkeypatch.setattr(plt, 'close', figures.append)
+  train.write_plot([{'step': 5, 'loss': 1.3}, {'step': 5, 'val_psnr': 10.3, 'val_bicubic_psnr': 30.5}],
+                   str(tmp_path / train.PLOT_FILE))
+  lines = [line for ax in figures[0].axes for line in ax.get_lines()]
+  assert len(lines) == 3 and all(line.get_marker() not in (None, '', 'None') for line in lines)
+  assert (tmp_path / train.PLOT_FILE).stat().st_size > 1000
+
+
 def test_metrics_plot_restore_and_export(tmp_path, caplog, capsys):
   folder = make_image_folder(tmp_path / 'images')
   workdir = tmp_path / 'run'

@@ -339,14 +339,14 @@ def write_plot(rows, path):
   loss = [(r['step'], r['loss']) for r in rows if 'loss' in r]
   val = [(r['step'], r['val_psnr'], r['val_bicubic_psnr']) for r in rows if 'val_psnr' in r]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-  if loss:
-    ax1.plot(*zip(*loss))
+  if loss:  # a line without markers draws nothing of a single point (a run's first picture)
+    ax1.plot(*zip(*loss), marker='o' if len(loss) == 1 else None)
     ax1.set_yscale('log')
   ax1.set(xlabel='step', ylabel='training loss', title='loss')
   if val:
     steps, model_psnr, bicubic = zip(*val)
     ax2.plot(steps, model_psnr, 'o-', label='model')
-    ax2.plot(steps, bicubic, '--', label='bicubic')
+    ax2.plot(steps, bicubic, '_--', markersize=16, label='bicubic')  # at the first validation too
     ax2.legend()
   ax2.set(xlabel='step', ylabel='PSNR (dB, Y)', title='validation')
   fig.tight_layout()
