@@ -125,6 +125,10 @@ def test_command_writes_table_json_and_picture(tmp_path, capsys, scale, baseline
   assert 0 < mini['ssim'] <= 1 and np.isfinite(mini['psnr'])
   picture = np.asarray(Image.open(compare / 'mini_compare.png'))
   assert picture.shape[1] == 4 * 40 + 3 * 4  # input, baseline, model, truth side by side
+  # Under a line naming them: dark text over each column's left part, white elsewhere.
+  header = picture[:14].min(-1) < 128
+  assert all(header[:, 44 * i:44 * i + 20].any() for i in range(4))
+  assert picture.shape[0] == 14 + 2 * (40 + 4) and not header[:, 44 * 3 + 36:].any()
 
 
 def test_noise_level_defaults_to_the_models_and_pairs_of_another_scale_are_not_used(

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
 
 from w2x_jax import compilation_cache
 from w2x_jax import metrics as metrics_lib
@@ -134,7 +135,8 @@ def measure(output, target, scale, protocol='data-readme', grey=False):
 
 
 def side_by_side(rows, scale):
-  """One PNG-able array: per image a row of (input enlarged nearest, bicubic, model, ground truth)."""
+  """One PNG-able array: per image a row of (input enlarged nearest, bicubic, model, ground truth),
+  under a line naming the columns (the picture is read on its own, away from the docs)."""
   tiles = []
   for lr, bicubic, output, hr in rows[:COMPARE_IMAGES]:
     side = min(COMPARE_CROP, hr.shape[0], hr.shape[1]) // scale * scale
@@ -146,7 +148,13 @@ def side_by_side(rows, scale):
     tiles.append(np.concatenate([nearest, gap, crop(bicubic), gap, crop(output), gap, crop(hr)], 1))
   width = max(t.shape[1] for t in tiles)
   tiles = [np.pad(t, ((0, 4), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
-  return np.concatenate(tiles, 0)
+  header = Image.new('RGB', (width, 14), 'white')
+  draw = ImageDraw.Draw(header)
+  column = tiles[0].shape[0]  # the first row's crop side and its gap
+  # At scale 1 the baseline is the (noisy) input itself.
+  for i, label in enumerate(('input', 'bicubic' if scale > 1 else 'input', 'model', 'truth')):
+    draw.text((i * column + 2, 1), label, fill='black')
+  return np.concatenate([np.asarray(header)] + tiles, 0)
 
 
 def evaluate_dataset(predict, pairs, scale, protocol='data-readme'):
