@@ -19,8 +19,9 @@ from w2x_jax import distributed
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and the config; reused to resume.')
 config_flags.DEFINE_config_file(
-    'config', None, 'A config file, e.g. configs/dcscn.py or configs/dcscn.py:noise=2,scale=1.',
-    lock_config=True)
+    'config', None, 'A config file, e.g. configs/dcscn.py or configs/dcscn.py:noise=2,scale=1. '
+    'Set any of its fields with --config.FIELD=VALUE, e.g. --config.train.num_steps=700 (the '
+    'fields, with comments: configs/default.py).', lock_config=True)
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, to join a multi-process run (with --num_processes and '
                     '--process_id); every process runs the same command')

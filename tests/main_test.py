@@ -54,6 +54,12 @@ def test_unknown_field_is_one_clear_line(tmp_path):
       'instead of "num_step"?'], result.stderr
 
 
+def test_help_says_how_to_set_a_config_field():
+  # ml_collections defines --config.x.y flags only for those given: --help lists none of them.
+  result = run_main('--help')
+  assert '--config.FIELD=VALUE' in result.stdout and 'configs/default.py' in result.stdout, result.stdout
+
+
 def test_bad_config_argument_is_one_clear_line(tmp_path):
   result = run_main('--config=configs/test.py:noise=7', f'--workdir={tmp_path}')
   assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
