@@ -85,8 +85,9 @@ def parse_flags(argv):
       # ("'num_step'", or with a near name "'num_step'\nDid you mean "num_steps" instead of ...?")
       key, _, hint = str(missing.args[0]).partition('\n') if missing.args else ('', '', '')
       key = key.strip("'")
+      # The flag whose path holds it: the last part, or a group (--config.trian.num_steps).
       flag = next((arg.split('=')[0] for arg in argv if arg.startswith('--config.')
-                   and arg.split('=')[0].endswith('.' + key)), key)
+                   and f'.{key}.' in arg.split('=')[0] + '.'), key)
       sys.exit(f'main.py: error: unknown config field {flag}' + (f'. {hint}' if hint else ''))
     sys.exit(f'main.py: error: bad config override: {e}')
 

@@ -52,6 +52,10 @@ def test_unknown_field_is_one_clear_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       'main.py: error: unknown config field --config.train.num_step. Did you mean "num_steps" '
       'instead of "num_step"?'], result.stderr
+  result = run_main('--config=configs/test.py', '--config.trian.num_steps=5', f'--workdir={tmp_path}')
+  assert result.stderr.strip().splitlines() == [
+      'main.py: error: unknown config field --config.trian.num_steps. Did you mean "train" '
+      'instead of "trian"?'], result.stderr
 
 
 def test_help_says_how_to_set_a_config_field():
