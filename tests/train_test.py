@@ -136,6 +136,12 @@ def test_throughput_leaves_out_the_first_steps_compilation(tmp_path, monkeypatch
   assert clock[0] == 1000
   assert [r['step'] for r in rows if 'patches_per_s' in r] == [2, 4]
   assert all(r['patches_per_s'] > 1 for r in rows if 'patches_per_s' in r), rows
+  # A line at every step: the first one's window is that step, compile and all (not 0 patches/s).
+  config = tiny_config(make_image_folder(tmp_path / 'images'), num_steps=2, log_every=1)
+  train.train_and_evaluate(config, str(tmp_path / 'run1'))
+  rows = [json.loads(line) for line in open(tmp_path / 'run1' / train.METRICS_FILE)]
+  assert [r['step'] for r in rows if 'patches_per_s' in r] == [1, 2]
+  assert all(r['patches_per_s'] > 0 for r in rows if 'patches_per_s' in r), rows
 
 
 def test_plot_draws_a_single_point(tmp_path, monkeypatch):

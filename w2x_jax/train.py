@@ -471,7 +471,7 @@ def _train(config, workdir, devices):
   mesh = make_mesh(devices)
   replicated = NamedSharding(mesh, P())
   state = create_train_state(config, jax.random.PRNGKey(config.seed))
-  logging.info('Model %s: %d parameters', config.model.name, models.count_params(state.params))
+  logging.info('Model %s: %s parameters', config.model.name, f'{models.count_params(state.params):,}')
   manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
   if tc.get('init_from') and manager.latest_step() is None:
     params, (copied, total) = init_params_from(state.params, tc.init_from)
@@ -570,11 +570,15 @@ def _train(config, workdir, devices):
         state, step_metrics = train_step(state, shard_batch(batch, mesh))
         step = step_index + 1
         pending.append(step_metrics)
-        if step == start_step + 1 and last_step != step:
-          # The first step's time is mostly compiling (seconds to minutes): counted in the first
-          # window, it made that line's patches/s too low and its ETA too long.
+        if step == start_step + 1:
+          # The first step's time is mostly compiling (seconds to minutes): said (the first step
+          # line is log_every steps away), and left out of the first window, where it made that
+          # line's patches/s too low and its ETA too long; unless this step's line is the window.
           jax.block_until_ready(step_metrics)
-          last_time, last_step = time.time(), step
+          logging.info('step %d: compiled and ran in %s; a line every %d steps', step,
+                       _format_seconds(time.time() - last_time), tc.log_every)
+          if step % tc.log_every and step != tc.num_steps:
+            last_time, last_step = time.time(), step
         if step % tc.log_every == 0 or step == tc.num_steps:
           log_losses()
         val = None
