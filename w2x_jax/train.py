@@ -372,9 +372,7 @@ def _load_real_datasets(config):
   if dc.train_dir:
     logging.info('Training data: %s', dc.train_dir)
     images = data.load_images(dc.train_dir, min_size)
-  else:
-    logging.info('Training data: the embedded default (photographs shipped with scikit-image, %s)',
-                 data.default_image_dir())
+  else:  # it logs which photographs, from where
     images = data.load_default_images(min_size)
   if dc.val_dir:
     return images, data.load_images(dc.val_dir, max(2 * config.model.scale, VAL_MIN_SIDE))
