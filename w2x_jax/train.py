@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 from absl import logging
@@ -398,6 +399,7 @@ class _StopRequest:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
         pass
+    self._old_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
     return self
 
   def _handle(self, signum, frame):
@@ -406,9 +408,17 @@ class _StopRequest:
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
 
+  def _unraisable(self, info):
+    # The second signal's KeyboardInterrupt raised where Python cannot pass it on (a garbage
+    # collector callback of JAX's, a destructor) is dropped, not printed as a traceback: the
+    # first signal's stop, at the next step, still ends the run in one line.
+    if not issubclass(info.exc_type, KeyboardInterrupt):
+      self._old_hook(info)
+
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    sys.unraisablehook = self._old_hook
 
 
 class _StopAgreement:
