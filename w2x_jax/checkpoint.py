@@ -5,6 +5,8 @@ items: `params` and `train` (optimizer state, step, RNG key). Restoring for infe
 only. An exported model folder holds `config.json` and `params.msgpack`: no optimizer state.
 """
 
+import ctypes
+import errno
 import fcntl
 import json
 import math
@@ -208,6 +210,23 @@ def _is_export_or_empty(path):
           and set(os.listdir(path)) <= {CONFIG_FILE, PARAMS_FILE})
 
 
+_RENAME_EXCHANGE = 2  # renameat2's flag (Linux 3.15+): swaps two paths in one step
+_AT_FDCWD = -100
+
+
+def _exchange(a, b):
+  """Swaps folders a and b atomically (Linux's renameat2); False where it is not available."""
+  renameat2 = getattr(ctypes.CDLL(None, use_errno=True), 'renameat2', None)
+  if renameat2 is None:
+    return False
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the kernel or file system lacks it
+    return False
+  raise OSError(code, os.strerror(code), b)
+
+
 def export_model(path, params, config):
   """Writes a shippable model folder (config.json + params.msgpack) atomically; refuses to replace
   anything but an earlier export or an empty folder (a workdir, a folder of other files)."""
@@ -225,9 +244,16 @@ def export_model(path, params, config):
     with open(os.path.join(tmp, PARAMS_FILE), 'wb') as f:
       f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
     _write_json_atomic(os.path.join(tmp, CONFIG_FILE), config_to_dict(config))
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
+    # An earlier export is swapped out whole, never removed in place: killed at any point, the
+    # folder holds the old export or the new one, not a part of one.
+    if not os.path.isdir(path):
+      os.replace(tmp, path)
+    elif not _exchange(tmp, path):  # no atomic swap here: the old one waits aside meanwhile
+      old = tempfile.mkdtemp(prefix='.export-old-', dir=parent)
+      os.replace(path, old)
+      os.replace(tmp, path)
+      tmp = old
+    shutil.rmtree(tmp, ignore_errors=True)  # the earlier export, if there was one
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
