@@ -99,3 +99,23 @@ def test_second_upscale_reads_the_compiled_tiles_back(tmp_path):
   first = np.asarray(Image.open(tmp_path / 'first.png'))
   assert np.array_equal(first, np.asarray(Image.open(tmp_path / 'second.png')))
   assert first.shape == (80, 112, 3)
+
+
+def test_entries_it_cannot_write_or_read_are_one_warning_line(tmp_path):
+  """A full disk (here a file size limit) fails JAX's writes and leaves an entry cut short, which
+  every later run fails to read: one line each time, not JAX's two-line warning per program."""
+  import resource  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / 'cache'
+  Image.fromarray(np.full((40, 56, 3), 128, np.uint8)).save(tmp_path / 'in.png')  # a small output
+  env = dict(os.environ, W2X_JAX_CACHE_DIR=str(cache), JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+  for run, preexec in (('full', limit), ('after', None)):
+    proc = subprocess.run([sys.executable, '-c', _UPSCALE_COUNTING_HITS, '-i', str(tmp_path / 'in.png'),
+                           '-o', str(tmp_path / f'{run}.png'), '--quiet'], preexec_fn=preexec,
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])['code'] == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('w2x_jax.upscale: warning: compilation cache '), (
+        proc.stderr)
+    assert ('Error writing' if run == 'full' else 'Error reading') in lines[0]

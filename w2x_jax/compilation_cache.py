@@ -23,6 +23,7 @@ needs the `filelock` package); only process 0 of a multi-process run writes to i
 import os
 import pathlib
 import sys
+import warnings
 
 from w2x_jax import conv
 
@@ -52,6 +53,7 @@ def enable(directory=None, *, program='w2x_jax'):
   import jax  # pylint: disable=g-import-not-at-top
   current = jax.config.jax_compilation_cache_dir
   if current:
+    _one_line_warnings(program, current, 'JAX_COMPILATION_CACHE_DIR')
     return pathlib.Path(current)
   # Decided without starting the backend (the upscale command joins jax.distributed after this).
   if conv.compiler_options('cpu' if conv.runs_on_cpu_only() else 'accelerator'):
@@ -70,4 +72,23 @@ def enable(directory=None, *, program='w2x_jax'):
   jax.config.update('jax_compilation_cache_dir', str(path))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)
   jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)
+  _one_line_warnings(program, path, f'{ENV_VAR}=off')
   return path
+
+
+def _one_line_warnings(program, path, off):
+  """JAX warns of each entry it cannot write or read (a full disk; an entry cut short, which it
+  then fails to read in every later run) in two lines naming its own source: said here in one
+  line, the first time; other warnings are shown as before."""
+  show, said = warnings.showwarning, []
+
+  def showwarning(message, category, filename, lineno, file=None, line=None):
+    if 'persistent compilation cache' not in str(message):
+      return show(message, category, filename, lineno, file, line)
+    if not said:
+      said.append(message)
+      print(f'{program}: warning: compilation cache {path}: {message} (emptying the folder or '
+            f'{off} ends it)', file=sys.stderr)
+    return None
+
+  warnings.showwarning = showwarning
