@@ -272,7 +272,10 @@ class DCSCN(nn.Module):
   """DCSCN: conv3x3 feature layers (all outputs concatenated), network-in-network reconstruction
   (A = conv1x1, B = conv1x1 -> conv3x3), conv3x3 + pixel shuffle + conv3x3, plus the interpolated
   input. Each conv but the last is followed by the activation; after the upsampler conv the
-  activation comes after the shuffle (PReLU: `upsampler_filters` alphas, as the paper's code)."""
+  activation comes after the shuffle (PReLU: `upsampler_filters` alphas). That one is the seed's
+  (docs/torch_baseline.py): the paper's code (jiny2001/dcscn-super-resolution) applies none
+  between its depth_to_space and the final conv, and concatenates B before A (a permutation of the
+  upsampler's input channels, the same model)."""
   scale: int
   channels: int
   filters: Sequence[int]
